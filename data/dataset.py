@@ -1,0 +1,71 @@
+"""A prepared dataset on disk: `DATA_PATH/NAME/` with the files of `data.md`."""
+from __future__ import annotations
+
+import json
+import re
+from functools import cached_property
+from pathlib import Path
+
+from data.domains import DomainRanges
+from data.files import DataError, SequenceRows, read_inter
+
+SPLITS = ("train", "valid", "test")
+MANIFEST = "manifest.json"
+# "full.train", "dom2.test", and a regenerated training file "2025.dom1.train".
+_SPLIT = re.compile(r"^(?:(?P<seed>\d+)\.)?(?P<part>full|dom\d+)\.(?P<split>train|valid|test)$")
+
+
+def split_names(n_domains: int) -> list[str]:
+    """All split names a preparation writes, in a fixed order."""
+    parts = ["full"] + [f"dom{d}" for d in range(1, n_domains + 1)]
+    return [f"{part}.{split}" for part in parts for split in SPLITS]
+
+
+class PreparedDataset:
+    """Read access to one prepared dataset; splits are read (and checked) on first use."""
+
+    def __init__(self, data_path: Path | str, name: str):
+        self.name = name
+        self.root = Path(data_path) / name
+        if not self.root.is_dir():
+            raise DataError(
+                f"{self.root}: no prepared dataset {name!r}; run `python -m dataset.prepare dataset={name}` first"
+            )
+        self._rows: dict[str, SequenceRows] = {}
+
+    @cached_property
+    def domains(self) -> DomainRanges:
+        return DomainRanges.from_item_file(self.item_path)
+
+    @cached_property
+    def manifest(self) -> dict:
+        path = self.root / MANIFEST
+        if not path.is_file():
+            raise DataError(f"{path}: file not found (the preparation did not finish; run it again)")
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    @property
+    def item_path(self) -> Path:
+        return self.root / f"{self.name}.item"
+
+    def path(self, split: str) -> Path:
+        """File of a split such as `full.train`, `dom1.valid` or (regenerated) `2025.dom1.train`."""
+        match = _SPLIT.match(split)
+        if not match:
+            raise ValueError(f"unknown split {split!r}: expected full.train, dom1.valid, 2025.dom1.train, ...")
+        if match["part"] != "full":
+            self.domains.index(match["part"])
+        return self.root / f"{self.name}.{split}.inter"
+
+    def regenerated_split(self, seed: int, target_dom: str) -> str:
+        """Split name of the training file that decoding writes for `target_dom` with `seed`."""
+        return f"{seed}.{target_dom}.train"
+
+    def rows(self, split: str) -> SequenceRows:
+        if split not in self._rows:
+            path = self.path(split)
+            rows = read_inter(path, n_items=self.domains.n_items)
+            if len(rows) == 0:
+                raise DataError(f"{path}: the split has no rows")
+            self._rows[split] = rows
+        return self._rows[split]

@@ -1,0 +1,1 @@
+"""Dataset preparation: raw per-domain atomic files -> the files of data.md."""

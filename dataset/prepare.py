@@ -1,0 +1,278 @@
+"""Prepare a multi-domain dataset: raw per-domain atomic files -> the files of `data.md`.
+
+    python -m dataset.prepare                      # ACDT, built from RecBole's ml-100k
+    python -m dataset.prepare dataset=BEST         # the four Amazon files in dataset/raw/
+    python -m dataset.prepare dataset=synthetic dataset.generator.n_users=5000
+
+Output goes to `DATA_PATH/NAME/` (default `dataset/NAME/`). Everything is
+written into a temporary folder that replaces the old one only when complete,
+so an interrupted run never leaves a partial dataset. The same raw input and
+settings give the same bytes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from data.dataset import MANIFEST, split_names
+from data.domains import LETTERS, domain_suffix
+from data.files import DIR_MODE, DataError, write_inter, write_item_file, write_text_atomic
+from data.paths import project_path
+from dataset.preprocess import Interactions, align, build_splits, drop_duplicate_rows, sort_and_cut
+from dataset.raw import read_raw_domain
+
+log = logging.getLogger(__name__)
+
+
+def prepare_files(
+    raw_files: list[Path],
+    out_dir: Path,
+    name: str,
+    *,
+    domain_names: list[str] | None = None,
+    user_core: int = 3,
+    item_core: int = 3,
+    max_seq_len: int = 128,
+    progress: bool = False,
+    settings: dict | None = None,
+) -> dict:
+    """Run the preprocessing of data.md on `raw_files` (domain order) and write `out_dir`.
+
+    Returns the summary that is also saved in `out_dir/manifest.json`
+    (with `settings`, the configuration that produced it, when given).
+    """
+    raw_files = [Path(p) for p in raw_files]
+    domain_names = domain_names or [p.stem for p in raw_files]
+    k = len(raw_files)
+    if k < 2:
+        raise DataError(f"dataset {name!r}: got {k} domain file(s); cross-domain preparation needs at least two")
+    if k > len(LETTERS):
+        raise DataError(f"dataset {name!r}: at most {len(LETTERS)} domains are supported, got {k}")
+    if len(domain_names) != k:
+        raise ValueError("one domain name per raw file is needed")
+    for setting, value in (("user_core", user_core), ("item_core", item_core), ("max_seq_len", max_seq_len)):
+        if int(value) < 1:
+            raise DataError(f"dataset {name!r}: {setting} must be a positive integer, got {value}")
+
+    started = time.perf_counter()
+    raws = [read_raw_domain(p) for p in tqdm(raw_files, desc="reading raw files", disable=not progress)]
+    for raw, dom_name in zip(raws, domain_names):
+        log.info("%s: %d rows, %d users, %d items", raw.path.name, len(raw), len(raw.user_tokens), len(raw.item_tokens))
+        if len(raw) == 0:
+            raise DataError(f"{raw.path}: domain {dom_name!r} has no interactions")
+
+    # One user code space across domains (users are shared by token); each
+    # domain's items get their own block of codes.
+    user_tokens = pc.unique(pa.concat_arrays([r.user_tokens for r in raws]))
+    n_users = len(user_tokens)
+    user_maps = [pc.index_in(r.user_tokens, user_tokens).to_numpy().astype(np.int64) for r in raws]
+    item_offsets = np.concatenate([[0], np.cumsum([len(r.item_tokens) for r in raws])])
+    raw_rows = [len(r) for r in raws]
+    row_offsets = np.concatenate([[0], np.cumsum(raw_rows)])
+
+    # Users missing from a domain can never survive alignment, so dropping them
+    # first (before deduplication, which is row-local) changes nothing but the cost.
+    present = np.zeros((n_users, k), dtype=bool)
+    for d, (raw, user_map) in enumerate(zip(raws, user_maps)):
+        present[user_map, d] = True
+    in_every_domain = present.all(axis=1)
+    parts, ratings = [], []
+    for d, (raw, user_map) in enumerate(zip(raws, user_maps)):
+        user = user_map[raw.users]
+        keep = np.flatnonzero(in_every_domain[user])
+        parts.append(
+            Interactions(
+                user=user[keep],
+                item=raw.items[keep].astype(np.int64) + item_offsets[d],
+                time=raw.times[keep],
+                domain=np.full(len(keep), d, dtype=np.int64),
+                row=keep.astype(np.int64) + row_offsets[d],
+            )
+        )
+        ratings.append(raw.ratings[keep] if raw.ratings is not None else np.zeros(len(keep)))
+        # Only the kept rows go on; the full columns (gigabytes at Amazon scale) can go.
+        raw.users = raw.items = raw.times = raw.ratings = None
+    table = Interactions(*(np.concatenate([getattr(p, f) for p in parts]) for f in Interactions.__dataclass_fields__))
+    log.info("%d users appear in every domain; %d of their rows kept", in_every_domain.sum(), len(table))
+    if len(table) == 0:
+        raise DataError(f"dataset {name!r}: no user appears in every domain ({', '.join(domain_names)})")
+
+    table = drop_duplicate_rows(table, np.concatenate(ratings))
+    with tqdm(total=4, desc="filtering and aligning", disable=not progress) as bar:
+        for step in (
+            lambda t: align(t, n_users, domain_names, user_core, item_core),
+            lambda t: sort_and_cut(t, max_seq_len),
+            lambda t: align(t, n_users, domain_names, user_core, item_core),
+            lambda t: sort_and_cut(t, max_seq_len),
+        ):
+            table = step(table)
+            bar.update()
+
+    item_tokens, item_ids, domain_sizes = _number_items(table, raws, item_offsets)
+    user_ids = _number_users(table, user_tokens)
+    table_user = user_ids[table.user]
+    order = np.lexsort((table.row, table.time, table_user))
+    splits = build_splits(table_user[order], item_ids[table.item[order]], table.domain[order] + 1, k)
+    for split in split_names(k):
+        if len(splits[split]) == 0:
+            raise DataError(
+                f"dataset {name!r}: split {split} is empty after preparation "
+                f"(too few users or interactions; domains: {', '.join(domain_names)})"
+            )
+
+    summary = {
+        "name": name,
+        "domains": [
+            {
+                "dom": f"dom{d + 1}",
+                "name": domain_names[d],
+                "suffix": domain_suffix(d + 1),
+                "raw_file": raw_files[d].name,
+                "raw_rows": raw_rows[d],
+                "items": domain_sizes[d],
+                "interactions": int(np.count_nonzero(table.domain == d)),
+            }
+            for d in range(k)
+        ],
+        "users": int(len(np.unique(table.user))),
+        "items": len(item_tokens),
+        "interactions": len(table),
+        "rows": {split: len(splits[split]) for split in split_names(k)},
+        "user_core": int(user_core),
+        "item_core": int(item_core),
+        "max_seq_len": int(max_seq_len),
+        "settings": settings,
+    }
+    _write_dataset(out_dir, name, item_tokens, splits, summary)
+    log.info(
+        "prepared %s in %.1fs: %d users, %d items, %d interactions -> %s",
+        name, time.perf_counter() - started, summary["users"], summary["items"], summary["interactions"], out_dir,
+    )
+    return summary
+
+
+def _number_items(table: Interactions, raws, item_offsets) -> tuple[list[str], np.ndarray, list[int]]:
+    """Step 6: ids by domain, then by suffixed token in plain string order; 0 is padding."""
+    kept = np.unique(table.item)
+    tokens: list[str] = []
+    sizes: list[int] = []
+    item_ids = np.zeros(item_offsets[-1], dtype=np.int64)
+    for d, raw in enumerate(raws):
+        codes = kept[(kept >= item_offsets[d]) & (kept < item_offsets[d + 1])]
+        suffix = domain_suffix(d + 1)
+        suffixed = np.array([t + suffix for t in raw.item_tokens.take(codes - item_offsets[d]).to_pylist()], dtype=object)
+        # Sorting the suffixed tokens (not the raw ones) is what data.md asks:
+        # "100_A" < "10_A" because "0" < "_".
+        order = np.argsort(suffixed, kind="stable")
+        item_ids[codes[order]] = len(tokens) + 1 + np.arange(len(codes))
+        tokens.extend(suffixed[order].tolist())
+        sizes.append(len(codes))
+    return tokens, item_ids, sizes
+
+
+def _number_users(table: Interactions, user_tokens: pa.Array) -> np.ndarray:
+    """Step 7: user ids in plain string order of the tokens, from 1."""
+    kept = np.unique(table.user)
+    tokens = np.array(user_tokens.take(kept).to_pylist(), dtype=object)
+    user_ids = np.zeros(len(user_tokens), dtype=np.int64)
+    user_ids[kept[np.argsort(tokens, kind="stable")]] = np.arange(1, len(kept) + 1)
+    return user_ids
+
+
+def _write_dataset(out_dir: Path, name: str, item_tokens: list[str], splits: dict, summary: dict) -> None:
+    """Write every file into a temporary folder, then swap it in for `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        write_item_file(staging / f"{name}.item", item_tokens)
+        for split, rows in splits.items():
+            write_inter(staging / f"{name}.{split}.inter", rows)
+        # The manifest comes last: its presence marks a complete dataset.
+        write_text_atomic(staging / MANIFEST, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        os.chmod(staging, DIR_MODE)
+        if out_dir.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, retired / out_dir.name)
+            os.replace(staging, out_dir)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+# --------------------------------------------------------------------------- from config
+
+
+def raw_domain_files(dataset_cfg, progress: bool = False) -> tuple[list[Path], list[str]]:
+    """Materialise the raw files a dataset config names; returns (files, domain names) in domain order."""
+    source = dataset_cfg.source
+    raw_dir = project_path(dataset_cfg.raw_dir)
+    if source == "acdt":
+        from dataset.acdt import write_acdt_raw
+
+        names = [d.name for d in dataset_cfg.domains]
+        return write_acdt_raw(raw_dir, names), names
+    if source == "synthetic":
+        from dataset.synthetic import SyntheticConfig, domain_names, generate_raw
+
+        # Lists from YAML become the tuples the frozen dataclass expects.
+        knobs = OmegaConf.to_container(dataset_cfg.generator, resolve=True)
+        config = SyntheticConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in knobs.items()})
+        return generate_raw(raw_dir, config, progress=progress), domain_names(config)
+    if source == "files":
+        domains = dataset_cfg.domains
+        if not domains or len(domains) < 2:
+            raise DataError(f"dataset {dataset_cfg.name!r}: config key 'domains' must list at least two domains")
+        return [raw_dir / d.file for d in domains], [d.name for d in domains]
+    raise DataError(f"dataset {dataset_cfg.name!r}: config key 'source' must be files, acdt or synthetic, got {source!r}")
+
+
+def prepare_dataset(dataset_cfg, data_path: str | Path, overwrite: bool = False, progress: bool = True) -> Path:
+    """Prepare the dataset a config describes, unless an identical preparation is already there."""
+    settings = OmegaConf.to_container(dataset_cfg, resolve=True)
+    out_dir = project_path(data_path) / dataset_cfg.name
+    manifest = out_dir / MANIFEST
+    if not overwrite and manifest.is_file():
+        if json.loads(manifest.read_text(encoding="utf-8")).get("settings") == settings:
+            log.info("%s is prepared and up to date (%s); pass overwrite=true to redo it", dataset_cfg.name, out_dir)
+            return out_dir
+    raw_files, names = raw_domain_files(dataset_cfg, progress=progress)
+    prepare_files(
+        raw_files,
+        out_dir,
+        dataset_cfg.name,
+        domain_names=names,
+        user_core=dataset_cfg.user_core,
+        item_core=dataset_cfg.item_core,
+        max_seq_len=dataset_cfg.max_seq_len,
+        progress=progress,
+        settings=settings,
+    )
+    return out_dir
+
+
+@hydra.main(version_base="1.3", config_path="../config", config_name="prepare")
+def main(cfg) -> None:
+    try:
+        prepare_dataset(cfg.dataset, cfg.data_path, overwrite=cfg.overwrite, progress=cfg.progress)
+    except DataError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+if __name__ == "__main__":
+    main()

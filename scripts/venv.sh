@@ -1,0 +1,39 @@
+# Sourced by run.sh and test.sh: create or reuse .venv/ at the repository root and
+# install the pinned requirements when they changed since the last install.
+# Needs only Python 3.11 and pip on the machine.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+STAMP="$VENV/.requirements.sha256"
+
+if [ ! -x "$VENV/bin/python" ]; then
+    PYTHON=""
+    for candidate in python3.11 python3 python; do
+        if command -v "$candidate" >/dev/null 2>&1 \
+            && "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+            PYTHON="$candidate"
+            break
+        fi
+    done
+    if [ -z "$PYTHON" ]; then
+        echo "error: Python 3.11 is needed (python3.11 or python3 on PATH)" >&2
+        exit 1
+    fi
+    echo "creating the virtual environment $VENV" >&2
+    "$PYTHON" -m venv "$VENV"
+fi
+
+wanted="$(sha256sum "$ROOT/requirements.txt" | cut -d' ' -f1)"
+if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$wanted" ]; then
+    echo "installing the pinned requirements into $VENV (first use only)" >&2
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$ROOT/requirements.txt"
+    echo "$wanted" > "$STAMP"
+fi
+
+export PATH="$VENV/bin:$PATH"
+# Runs never reach out: wandb stays offline unless a config asks otherwise, and
+# no library phones home for updates.
+export WANDB_MODE="${WANDB_MODE:-offline}"
+export WANDB_SILENT="${WANDB_SILENT:-true}"
+export HYDRA_FULL_ERROR="${HYDRA_FULL_ERROR:-0}"
+cd "$ROOT"

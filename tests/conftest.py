@@ -1,0 +1,53 @@
+"""Shared fixtures: the embedded ACDT dataset, prepared once per test session."""
+from __future__ import annotations
+
+import pytest
+
+from data import PreparedDataset
+from dataset.acdt import write_acdt_raw
+from dataset.prepare import prepare_files
+
+
+@pytest.fixture(scope="session")
+def acdt_raw(tmp_path_factory):
+    return write_acdt_raw(tmp_path_factory.mktemp("raw") / "ACDT")
+
+
+@pytest.fixture(scope="session")
+def acdt_dataset(acdt_raw, tmp_path_factory) -> PreparedDataset:
+    root = tmp_path_factory.mktemp("data")
+    prepare_files(acdt_raw, root / "ACDT", "ACDT", domain_names=[p.stem for p in acdt_raw])
+    return PreparedDataset(root, "ACDT")
+
+
+def compose(config_name: str, overrides: list[str]):
+    """A stage config as Hydra composes it for `python STAGE.py OVERRIDES`."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from data.paths import PROJECT_ROOT
+
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "config"), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides)
+
+
+def tiny_overrides(tmp_path, **generator) -> list[str]:
+    """Overrides for a small synthetic dataset and short, quiet runs, all under tmp_path."""
+    knobs = {"n_users": 120, "n_domains": 3, "items_per_domain": 40, "n_concepts": 24, "seq_len_min": 24,
+             "seq_len_max": 40, **generator}
+    return [
+        "dataset=synthetic",
+        "dataset.name=TINY",
+        f"dataset.raw_dir={tmp_path}/raw",
+        *(f"dataset.generator.{k}={v}" for k, v in knobs.items()),
+        f"data_path={tmp_path}/data",
+        f"checkpoint_dir={tmp_path}/checkpoint",
+        f"+run_dir={tmp_path}/run",
+        "logger.mode=disabled",
+        "progress=false",
+        "model.hidden_size=16",
+        "model.inner_size=16",
+        "MAX_ITEM_LIST_LENGTH=64",
+        "train_batch_size=32",
+        "eval_batch_size=64",
+    ]
