@@ -1,0 +1,157 @@
+"""The causal sequence decoder shared by every Taesar model (base model M and domain experts E_d)."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class DecoderConfig:
+    n_items: int  # N; real items have ids 1..N and id 0 is padding
+    max_len: int = 128  # rows of the position embedding = longest x = history + [target]
+    hidden_size: int = 128
+    inner_size: int = 128
+    n_layers: int = 2
+    n_heads: int = 2
+    hidden_dropout: float = 0.2
+    attn_dropout: float = 0.2
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        if self.n_items < 1:
+            raise ValueError(f"n_items must be positive, got {self.n_items}")
+        if self.hidden_size % self.n_heads != 0:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of n_heads {self.n_heads}")
+
+
+class Block(nn.Module):
+    """Post-LN Transformer block: x = LN(x + drop(attn(x))); x = LN(x + drop(ffn(x)))."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        H = config.hidden_size
+        self.n_heads = config.n_heads
+        self.attn_dropout = config.attn_dropout
+        self.qkv = nn.Linear(H, 3 * H)
+        self.attn_out = nn.Linear(H, H)
+        self.ln_attn = nn.LayerNorm(H, eps=config.layer_norm_eps)
+        self.ffn_in = nn.Linear(H, config.inner_size)
+        self.ffn_out = nn.Linear(config.inner_size, H)
+        self.ln_ffn = nn.LayerNorm(H, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, H = x.shape
+        q, k, v = self.qkv(x).split(H, dim=2)
+        # (B, L, H) -> (B, nh, L, hs)
+        q, k, v = (t.view(B, L, self.n_heads, H // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        dropout_p = self.attn_dropout if self.training else 0.0
+        # Sequences are right-padded, so under the causal mask a real position only ever sees real
+        # items: causality alone also hides the padding, and the fused kernels need no mask tensor.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+        # (B, nh, L, hs) -> (B, L, H)
+        y = y.transpose(1, 2).contiguous().view(B, L, H)
+        return self.attn_out(y)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.ln_attn(x + self.dropout(self.attention(x)))
+        # exact (erf) GELU, as RecBole's FeedForward.gelu
+        x = self.ln_ffn(x + self.dropout(self.ffn_out(F.gelu(self.ffn_in(x)))))
+        return x
+
+
+class TaesarDecoder(nn.Module):
+    """SASRec-style causal decoder (Kang & McAuley, ICDM 2018) with tied item embeddings, the one
+    architecture Taesar uses for its base model and its domain experts.
+
+    The layer arithmetic is RecBole 1.2.1's SASRec (`recbole/model/sequential_recommender/sasrec.py`,
+    `TransformerEncoder` in `recbole/model/layers.py`); a RecBole SASRec state dict loads into it and
+    gives the same states (tests/test_decoder.py).
+
+    NOTE: query, key and value are one fused Linear and attention is torch's fused
+    `scaled_dot_product_attention`; RecBole has three Linears and an explicit softmax. The weights of
+    RecBole's three projections concatenate into `qkv`.
+    NOTE: the mask is causal only, where RecBole also adds -10000 to the scores of padded keys.
+    With right padding a real position never has a padded key before it, so at real positions the
+    two agree (exp(-10000) is 0 in float32); padded positions stay finite and are never used.
+    NOTE: `encode` returns every position and `logits` scores real items only (column j is item
+    lo + j); RecBole gathers the last position in `forward` and scores the padding row too.
+    NOTE: the padding embedding row is zero after init (RecBole's init overwrites it with noise). Its
+    gradient is always zero, and it only ever reaches padded positions.
+    """
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.config = config
+        H = config.hidden_size
+        self.item_emb = nn.Embedding(config.n_items + 1, H, padding_idx=0)
+        self.pos_emb = nn.Embedding(config.max_len, H)
+        self.ln_emb = nn.LayerNorm(H, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.apply(self._init_weights)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+
+    @classmethod
+    def from_dict(cls, args: dict) -> "TaesarDecoder":
+        """Rebuild from the plain dict a checkpoint stores (`dataclasses.asdict(model.config)`)."""
+        return cls(DecoderConfig(**args))
+
+    def _init_weights(self, module: nn.Module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+        if isinstance(module, nn.Linear):
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    @property
+    def all_items(self) -> tuple[int, int]:
+        """Half-open id range of every real item, i.e. all rows of the embedding but padding."""
+        return 1, self.config.n_items + 1
+
+    def encode(self, items: torch.Tensor) -> torch.Tensor:
+        """(B, L) right-padded item ids -> (B, L, H) states; the state at t has seen items[:, :t+1]."""
+        L = items.size(1)
+        if L > self.config.max_len:
+            raise ValueError(f"sequence length {L} exceeds max_len {self.config.max_len}")
+        positions = torch.arange(L, device=items.device)
+        x = self.item_emb(items) + self.pos_emb(positions)  # (B, L, H) + (L, H)
+        x = self.dropout(self.ln_emb(x))
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def logits(self, hidden: torch.Tensor, item_range: tuple[int, int] | None = None) -> torch.Tensor:
+        """(..., H) states -> (..., hi - lo) scores h E[lo:hi]^T; column j is item lo + j.
+
+        None scores all real items (lo = 1). Gather the states you need before calling, so that a
+        (B, L, N) tensor is built only when it is wanted.
+        """
+        lo, hi = self.all_items if item_range is None else item_range
+        if not 1 <= lo < hi <= self.config.n_items + 1:
+            raise ValueError(
+                f"item_range {item_range} is not a non-empty range inside 1..{self.config.n_items}"
+            )
+        return hidden @ self.item_emb.weight[lo:hi].T
+
+
+def gather_states(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(B, L, H) states, (B,) positions -> (B, H), the state of row b at positions[b]."""
+    # gather rather than fancy indexing: a negative position (a row too short) raises instead of
+    # silently wrapping around to the last, padded, position
+    index = positions[:, None, None].expand(-1, 1, hidden.size(-1))  # (B, 1, H)
+    return hidden.gather(1, index).squeeze(1)
+
+
+def target_states(hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B, L, H) states of x = history + [target], (B,) lengths -> (B, H) states that predict the target.
+
+    The target sits at lengths - 1, so the state that has seen exactly the history is at lengths - 2.
+    """
+    return gather_states(hidden, lengths - 2)

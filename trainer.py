@@ -1,0 +1,289 @@
+"""One training loop for every model of the project, with full-ranking evaluation and checkpoints.
+
+`fit` trains any model given a loss function of (model, batch): Adam, an
+evaluation every `eval_step` epochs, early stopping on the validation metric,
+and the best (or the last) weights kept. Its state is saved atomically after
+every epoch, so a killed run resumes where it stopped and ends with the same
+weights as an uninterrupted one; a finished run leaves one final checkpoint.
+
+Checkpoints hold tensors and plain data only and load with
+`torch.load(weights_only=True)`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from data import SequenceBatch, SequenceLoader
+from data.files import atomic_path
+from model.metrics import KS, RankingAccumulator, rank_of_target
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[nn.Module, SequenceBatch], torch.Tensor]
+ScoreFn = Callable[[nn.Module, SequenceBatch], torch.Tensor]
+METRICS = ("hr", "ndcg", "mrr")
+# Names RecBole and the official configs use for the same metrics.
+_ALIASES = {"hit": "hr", "hr": "hr", "ndcg": "ndcg", "mrr": "mrr"}
+
+
+def metric_key(name: str) -> str:
+    """`NDCG@10`, `Hit@5`, `mrr@20` -> the trainer's key (`ndcg@10`, `hr@5`, `mrr@20`)."""
+    metric, _, k = str(name).lower().partition("@")
+    if metric not in _ALIASES or not k.isdigit() or int(k) < 1:
+        raise ValueError(f"unknown metric {name!r}: expected HR@k, Hit@k, NDCG@k or MRR@k with k >= 1")
+    return f"{_ALIASES[metric]}@{int(k)}"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int  # (int) maximum number of epochs
+    learning_rate: float  # (float) Adam step size
+    weight_decay: float = 0.0  # (float) Adam L2 penalty
+    stopping_step: int = 10  # (int) evaluations without improvement before stopping; 0: never stop early
+    eval_step: int = 1  # (int) evaluate every this many epochs (and after the last)
+    valid_metric: str = "NDCG@10"  # (str) model-selection metric
+    topk: tuple[int, ...] = KS  # (list) cut-offs of HR, NDCG and MRR
+    keep: str = "best"  # (str) weights kept at the end: best (on validation) or last
+    clip_grad_norm: float | None = None  # (float) gradient-norm clip, None: off
+    enable_amp: bool = False  # (bool) bfloat16 autocast on CUDA; ignored on CPU
+
+    def __post_init__(self):
+        self.topk = tuple(int(k) for k in self.topk)
+        checks = [
+            (isinstance(self.epochs, int) and self.epochs >= 0, f"epochs must be an integer >= 0, got {self.epochs}"),
+            (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.stopping_step >= 0, f"stopping_step must be >= 0, got {self.stopping_step}"),
+            (self.eval_step >= 1, f"eval_step must be >= 1, got {self.eval_step}"),
+            (len(self.topk) > 0 and min(self.topk) >= 1, f"topk must list positive cut-offs, got {list(self.topk)}"),
+            (self.keep in ("best", "last"), f"keep must be best or last, got {self.keep!r}"),
+            (self.clip_grad_norm is None or self.clip_grad_norm > 0, "clip_grad_norm must be > 0 or null"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        key = metric_key(self.valid_metric)
+        if int(key.split("@")[1]) not in self.topk:
+            raise ValueError(f"valid_metric {self.valid_metric} needs its cut-off in topk {list(self.topk)}")
+
+    @property
+    def valid_key(self) -> str:
+        return metric_key(self.valid_metric)
+
+
+@dataclass
+class Evaluation:
+    """Full ranking of each row's target among the candidates `item_range` (half-open ids)."""
+
+    loader: SequenceLoader
+    scores: ScoreFn  # (model, batch) -> (B, hi - lo) scores; column j is item lo + j
+    item_range: tuple[int, int]
+
+
+@dataclass
+class FitResult:
+    valid_metrics: dict[str, float]  # of the kept weights (empty without validation)
+    epochs_run: int
+    best_epoch: int  # epoch (0-based) of the kept weights, -1 when kept without validation
+    history: list[dict] = field(default_factory=list)
+    skipped: bool = False  # True when a finished checkpoint was found and reused
+
+
+def select_device(gpu_id: int | None = 0) -> torch.device:
+    """CUDA device `gpu_id` when CUDA is present, the CPU otherwise."""
+    if torch.cuda.is_available() and gpu_id is not None and int(gpu_id) >= 0:
+        if int(gpu_id) >= torch.cuda.device_count():
+            raise ValueError(f"gpu_id={gpu_id}, but only {torch.cuda.device_count()} CUDA device(s) are present")
+        return torch.device(f"cuda:{int(gpu_id)}")
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, evaluation: Evaluation, topk=KS, device=None, enable_amp=False, progress=False):
+    """HR, NDCG and MRR at every k of `topk`, averaged over the rows of the evaluation loader."""
+    device = device or next(model.parameters()).device
+    lo, hi = evaluation.item_range
+    was_training = model.training
+    model.eval()
+    accumulator = RankingAccumulator(tuple(topk))
+    for batch in tqdm(evaluation.loader, desc="evaluating", leave=False, disable=not progress):
+        batch = batch.to(device)
+        targets = batch.targets
+        if targets.min() < lo or targets.max() >= hi:
+            raise ValueError(f"a target item lies outside the candidate items [{lo}, {hi})")
+        with _autocast(device, enable_amp):
+            scores = evaluation.scores(model, batch)
+        accumulator.update(rank_of_target(scores.float(), targets - lo))
+    model.train(was_training)
+    return accumulator.compute()
+
+
+def fit(
+    model: nn.Module,
+    loss_fn: LossFn,
+    train: SequenceLoader,
+    config: TrainConfig,
+    *,
+    checkpoint: Path,
+    meta: dict,
+    valid: Evaluation | None = None,
+    resume: bool = True,
+    logger=None,
+    log_prefix: str = "",
+    progress: bool = True,
+    device: torch.device | None = None,
+) -> FitResult:
+    """Train `model` in place and write its final checkpoint to `checkpoint`.
+
+    `meta` (plain data: model arguments, dataset, role) is stored in every
+    checkpoint. With `resume`, an unfinished run's state (`checkpoint` +
+    `.resume`) is picked up; a finished checkpoint is never overwritten here:
+    callers decide whether to skip or redo a stage.
+    """
+    device = device or next(model.parameters()).device
+    resume_path = resume_file(checkpoint)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    state = {"epoch": 0, "best_score": -math.inf, "best_epoch": -1, "bad_evals": 0, "history": [], "best": None}
+    if resume and resume_path.is_file():
+        saved = load_checkpoint(resume_path)
+        check_meta(saved["meta"], meta, resume_path)
+        model.load_state_dict(saved["state_dict"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = saved["trainer"]
+        torch.set_rng_state(saved["rng"]["cpu"])
+        if torch.cuda.is_available() and saved["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+        log.info("%sresuming from %s after epoch %d", log_prefix, resume_path, state["epoch"])
+
+    prefix = f"{log_prefix}/" if log_prefix else ""
+    epochs = tqdm(range(state["epoch"], config.epochs), desc=f"{log_prefix or 'training'} epochs",
+                  initial=state["epoch"], total=config.epochs, disable=not progress)
+    for epoch in epochs:
+        train.set_epoch(epoch)
+        model.train()
+        started = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        for batch in tqdm(train, desc=f"epoch {epoch}", leave=False, disable=not progress):
+            batch = batch.to(device)
+            with _autocast(device, config.enable_amp):
+                loss = loss_fn(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.clip_grad_norm:
+                nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
+            optimizer.step()
+            loss_sum += loss.detach()
+        record = {"epoch": epoch, "train_loss": loss_sum.item() / max(len(train), 1),
+                  "train_seconds": time.perf_counter() - started}
+
+        stop = False
+        last_epoch = epoch + 1 == config.epochs
+        if valid is not None and ((epoch + 1) % config.eval_step == 0 or last_epoch):
+            metrics = evaluate(model, valid, config.topk, device, config.enable_amp)
+            record["valid"] = metrics
+            score = metrics[config.valid_key]
+            if score > state["best_score"]:
+                state.update(best_score=score, best_epoch=epoch, bad_evals=0,
+                             best={"state_dict": _cpu_copy(model.state_dict()), "metrics": metrics})
+            else:
+                state["bad_evals"] += 1
+            stop = config.stopping_step > 0 and state["bad_evals"] >= config.stopping_step
+            log.info("%sepoch %d: loss %.4f, valid %s %.4f (best %.4f at epoch %d)", prefix, epoch,
+                     record["train_loss"], config.valid_key, score, state["best_score"], state["best_epoch"])
+        else:
+            log.info("%sepoch %d: loss %.4f", prefix, epoch, record["train_loss"])
+        state["history"].append(record)
+        state["epoch"] = epoch + 1
+        if logger is not None:
+            logger.log(_flat(record, prefix), step=None)
+        _save_resume_state(resume_path, model, optimizer, state, meta)
+        if stop:
+            log.info("%sstopping early: no %s improvement in %d evaluations", prefix, config.valid_key,
+                     config.stopping_step)
+            break
+
+    if config.keep == "best" and state["best"] is not None:
+        model.load_state_dict(state["best"]["state_dict"])
+        kept_metrics, kept_epoch = state["best"]["metrics"], state["best_epoch"]
+    else:
+        last_valid = [r["valid"] for r in state["history"] if "valid" in r]
+        kept_metrics, kept_epoch = (last_valid[-1] if last_valid else {}), state["epoch"] - 1
+    save_checkpoint(checkpoint, {
+        "state_dict": _cpu_copy(model.state_dict()),
+        "meta": meta,
+        "epochs_run": state["epoch"],
+        "best_epoch": kept_epoch,
+        "valid_metrics": kept_metrics,
+        "history": state["history"],
+    })
+    resume_path.unlink(missing_ok=True)
+    return FitResult(kept_metrics, state["epoch"], kept_epoch, state["history"])
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def resume_file(checkpoint: Path) -> Path:
+    return Path(f"{checkpoint}.resume")
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load a checkpoint of this project: tensors and plain data only."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def check_meta(saved: dict, expected: dict, path: Path) -> None:
+    """Stop with a clear message when a checkpoint belongs to another dataset, vocabulary or model.
+
+    Every key of `expected` must match; keys it does not name are not checked.
+    """
+    # In the order `expected` lists them: the dataset first, then its vocabulary, then the model.
+    for key in expected:
+        if saved.get(key) != expected.get(key):
+            raise ValueError(
+                f"{path}: checkpoint {key} is {saved.get(key)!r} but this run expects {expected.get(key)!r}; "
+                "it was trained with other data or settings (use overwrite=true to train anew)"
+            )
+
+
+def _save_resume_state(path: Path, model, optimizer, state: dict, meta: dict) -> None:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    save_checkpoint(path, {
+        "state_dict": _cpu_copy(model.state_dict()),
+        "optimizer": optimizer.state_dict(),
+        "trainer": state,
+        "rng": {"cpu": torch.get_rng_state(), "cuda": cuda},
+        "meta": meta,
+    })
+
+
+def _cpu_copy(state_dict: dict) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
+
+
+def _flat(record: dict, prefix: str) -> dict:
+    flat = {f"{prefix}train/loss": record["train_loss"], f"{prefix}epoch": record["epoch"]}
+    for key, value in record.get("valid", {}).items():
+        flat[f"{prefix}valid/{key}"] = value
+    return flat
+
+
+def _autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
