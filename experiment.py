@@ -88,19 +88,7 @@ def decoder_config(cfg: DictConfig, n_items: int) -> DecoderConfig:
             f"unknown model_name {cfg.model_name!r} for Stages I and II: the Taesar decoder is "
             f"{', '.join(DECODER_MODELS)} (other backbones are trained by finetune.py)"
         )
-    m = cfg.model
-    return DecoderConfig(
-        n_items=n_items,
-        max_len=cfg.MAX_ITEM_LIST_LENGTH,
-        hidden_size=m.hidden_size,
-        inner_size=m.inner_size,
-        n_layers=m.n_layers,
-        n_heads=m.n_heads,
-        hidden_dropout=m.hidden_dropout_prob,
-        attn_dropout=m.attn_dropout_prob,
-        layer_norm_eps=m.layer_norm_eps,
-        initializer_range=m.initializer_range,
-    )
+    return DecoderConfig.from_model_params(n_items, cfg.MAX_ITEM_LIST_LENGTH, cfg.model)
 
 
 # --------------------------------------------------------------------------- checkpoint locations

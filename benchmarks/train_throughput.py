@@ -48,18 +48,12 @@ def main() -> None:
     prepare_dataset(dataset_cfg, "dataset", progress=False)
     dataset = PreparedDataset(project_path("dataset"), "ACDT")
     rows = dataset.rows("full.train")
-    params = OmegaConf.to_container(OmegaConf.load(project_path("config/model/SASRec.yaml")))
-    params.pop("name")
+    params = OmegaConf.load(project_path("config/model/SASRec.yaml"))
     n_items = dataset.domains.n_items
 
     torch.manual_seed(0)
-    decoder = TaesarDecoder(DecoderConfig(
-        n_items=n_items, max_len=args.max_len, hidden_size=params["hidden_size"], inner_size=params["inner_size"],
-        n_layers=params["n_layers"], n_heads=params["n_heads"], hidden_dropout=params["hidden_dropout_prob"],
-        attn_dropout=params["attn_dropout_prob"], layer_norm_eps=params["layer_norm_eps"],
-        initializer_range=params["initializer_range"],
-    )).to(device)
-    recbole = build_recbole_model(SASRec, n_items, args.max_len, params, device)
+    decoder = TaesarDecoder(DecoderConfig.from_model_params(n_items, args.max_len, params)).to(device)
+    recbole = build_recbole_model(SASRec, n_items, args.max_len, decoder.config.recbole_params(), device)
     decoder_loss = next_item_objective()
     models = {
         "Taesar decoder": (decoder, lambda batch: decoder_loss(decoder, batch), lambda b: int((b.lengths - 1).sum())),

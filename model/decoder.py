@@ -20,6 +20,21 @@ class DecoderConfig:
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
 
+    # config/model/SASRec.yaml uses RecBole's names for the same hyperparameters.
+    RECBOLE_NAMES = {"hidden_size": "hidden_size", "inner_size": "inner_size", "n_layers": "n_layers",
+                     "n_heads": "n_heads", "hidden_dropout": "hidden_dropout_prob",
+                     "attn_dropout": "attn_dropout_prob", "layer_norm_eps": "layer_norm_eps",
+                     "initializer_range": "initializer_range"}
+
+    @classmethod
+    def from_model_params(cls, n_items: int, max_len: int, params) -> "DecoderConfig":
+        """From a model config in RecBole's names (config/model/SASRec.yaml)."""
+        return cls(n_items=n_items, max_len=max_len, **{ours: params[theirs] for ours, theirs in cls.RECBOLE_NAMES.items()})
+
+    def recbole_params(self) -> dict:
+        """The same hyperparameters in RecBole's names, for building RecBole's SASRec."""
+        return {theirs: getattr(self, ours) for ours, theirs in self.RECBOLE_NAMES.items()} | {"hidden_act": "gelu"}
+
     def __post_init__(self):
         if self.n_items < 1:
             raise ValueError(f"n_items must be positive, got {self.n_items}")

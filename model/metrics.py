@@ -8,16 +8,13 @@ KS = (5, 10, 20, 50, 100)
 def rank_of_target(scores: torch.Tensor, target_index: torch.Tensor) -> torch.Tensor:
     """(B, C) candidate scores, (B,) column of the target -> (B,) 0-based rank of the target.
 
-    The rank is the target's place in a stable descending sort of its row: the candidates scored
-    strictly higher, plus the tied ones in an earlier column. Counting only the strictly higher
-    ones would hand every tie to the target, so a model scoring everything equal would reach
-    HR@k = 1. RecBole's full sort takes `torch.topk`, whose order among ties is unspecified; with
-    the float scores of a trained model ties are rare and the two agree.
+    The rank counts the candidates scored strictly higher than the target: ties go in the
+    target's favour, the deterministic rule of the project's protocol (shared/spec/baselines.md,
+    section 1.3). The official code reads a top-100 list from `torch.topk`, whose order among
+    ties is unspecified; with the float scores of a trained model ties are rare and the two agree.
     """
     target = scores.gather(1, target_index[:, None])  # (B, 1)
-    columns = torch.arange(scores.size(1), device=scores.device)
-    ahead = (scores > target) | ((scores == target) & (columns < target_index[:, None]))
-    return ahead.sum(1)
+    return (scores > target).sum(1)
 
 
 def ranking_metrics(ranks: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[str, torch.Tensor]:

@@ -23,18 +23,7 @@ def make_decoder(seed: int = 0) -> TaesarDecoder:
 
 
 def recbole_sasrec(config: DecoderConfig) -> SASRec:
-    params = {
-        "n_layers": config.n_layers,
-        "n_heads": config.n_heads,
-        "hidden_size": config.hidden_size,
-        "inner_size": config.inner_size,
-        "hidden_dropout_prob": config.hidden_dropout,
-        "attn_dropout_prob": config.attn_dropout,
-        "hidden_act": "gelu",
-        "layer_norm_eps": config.layer_norm_eps,
-        "initializer_range": config.initializer_range,
-    }
-    return build_recbole_model(SASRec, config.n_items, config.max_len, params)
+    return build_recbole_model(SASRec, config.n_items, config.max_len, config.recbole_params())
 
 
 def from_recbole(state: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:

@@ -19,10 +19,21 @@ def test_rank_by_hand():
     assert rank_of_target(scores, torch.tensor([1, 4, 0])).tolist() == [0, 2, 4]
 
 
-def test_ties_break_by_column():
-    scores = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0], [0.2, 0.5, 0.5, 0.5, 0.1]])
-    # a constant model must not rank every target first
-    assert rank_of_target(scores, torch.tensor([3, 2])).tolist() == [3, 1]
+def test_ties_go_in_the_targets_favour():
+    scores = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0], [0.2, 0.5, 0.5, 0.5, 0.1], [0.2, 0.5, 0.5, 0.5, 0.1]])
+    # baselines.md 1.3: rank = 1 + |{v : f(v) > f(y)}| (0-based here)
+    assert rank_of_target(scores, torch.tensor([3, 2, 4])).tolist() == [0, 0, 4]
+
+
+def test_invariants_of_the_protocol():
+    """baselines.md section 11: rank 1 scores 1 everywhere, rank 3 gives NDCG@5 = 0.5 and MRR@5 = 1/3,
+    rank 11 scores 0 at cut-off 10."""
+    metrics = ranking_metrics(torch.tensor([0, 2, 10]), ks=(5, 10, 20))
+    for k in (5, 10, 20):
+        assert metrics[f"hr@{k}"][0] == metrics[f"ndcg@{k}"][0] == metrics[f"mrr@{k}"][0] == 1
+    torch.testing.assert_close(metrics["ndcg@5"][1], torch.tensor(0.5))
+    torch.testing.assert_close(metrics["mrr@5"][1], torch.tensor(1 / 3))
+    assert metrics["hr@10"][2] == metrics["ndcg@10"][2] == metrics["mrr@10"][2] == 0 < metrics["hr@20"][2]
 
 
 def test_metrics_by_hand():

@@ -40,3 +40,19 @@ def test_official_pretrain_command_as_a_multirun(tmp_path):
         assert list((tmp_path / "checkpoint").rglob(f"SASRec-TINY-{seed}.dom3.ckpt"))
     metrics = json.loads(next((tmp_path / "multirun").glob("*/metrics.json")).read_text())
     assert set(metrics["valid"]) == {"full", "dom1", "dom2", "dom3"}
+
+
+def test_official_decoding_command_after_pretraining(tmp_path):
+    """`pretrain.py -m stage=run ...`, then the official decoding command for two target domains at once."""
+    overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith("+run_dir")] + ["epochs=1", "expert.epochs=1"]
+    for script, args in (("pretrain.py", ["stage=run"]),
+                         ("decoding.py", ["stage=dec", "target_dom=dom1,dom3", "train_batch_size=32"])):
+        result = subprocess.run(
+            [sys.executable, script, "-m", *args, "gpu_id=0", "seed=2025", *overrides,
+             f"hydra.sweep.dir={tmp_path}/{script}"],
+            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    for dom in ("dom1", "dom3"):
+        assert len(list((tmp_path / "data" / "TINY" / "regenerated").glob(f"taesar-*/TINY.2025.{dom}.train.inter"))) == 1
+    assert len(list((tmp_path / "decoding.py").rglob("metrics.json"))) == 2
