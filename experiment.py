@@ -94,7 +94,8 @@ def decoder_config(cfg: DictConfig, n_items: int) -> DecoderConfig:
 # --------------------------------------------------------------------------- checkpoint locations
 
 
-def _key(settings: dict) -> str:
+def settings_key(settings: dict) -> str:
+    """Eight hex digits that name a folder of outputs made with `settings`."""
     return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
@@ -146,12 +147,12 @@ def stage1_paths(cfg: DictConfig, write_settings: bool = False) -> Stage1Paths:
             "epochs", "learner", "learning_rate", "weight_decay", "eval_step",
             "stopping_step", "clip_grad_norm", "enable_amp", "valid_metric", "topk")},
     }
-    expert_settings = {"base": _key(base_settings), "expert": OmegaConf.to_container(cfg.expert, resolve=True)}
+    expert_settings = {"base": settings_key(base_settings), "expert": OmegaConf.to_container(cfg.expert, resolve=True)}
     m = cfg.model
     base_dir = project_path(cfg.checkpoint_dir) / cfg.dataset.name / (
-        f"{cfg.model_name}-h{m.hidden_size}-l{m.n_layers}-{_key(base_settings)}"
+        f"{cfg.model_name}-h{m.hidden_size}-l{m.n_layers}-{settings_key(base_settings)}"
     )
-    expert_dir = base_dir / f"{expert_variant(cfg)}-{_key(expert_settings)}"
+    expert_dir = base_dir / f"{expert_variant(cfg)}-{settings_key(expert_settings)}"
     if write_settings:
         for folder, settings in ((base_dir, base_settings), (expert_dir, expert_settings)):
             folder.mkdir(parents=True, exist_ok=True)
@@ -186,7 +187,7 @@ def regenerated_dir(cfg: DictConfig) -> Path:
     paths = stage1_paths(cfg)
     decoding = OmegaConf.to_container(cfg.decoding, resolve=True)
     decoding.pop("positions_per_chunk")
-    key = _key({"stage1": str(paths.expert_dir.relative_to(project_path(cfg.checkpoint_dir))),
+    key = settings_key({"stage1": str(paths.expert_dir.relative_to(project_path(cfg.checkpoint_dir))),
                 "decoding": decoding, "MAX_ITEM_LIST_LENGTH": cfg.MAX_ITEM_LIST_LENGTH})
     return project_path(cfg.data_path) / cfg.dataset.name / "regenerated" / f"{variant_name(cfg)}-{key}"
 

@@ -71,6 +71,22 @@ class SequenceRows:
         flat = np.repeat(self.offsets[index] - offsets[:-1], lengths) + np.arange(offsets[-1])
         return SequenceRows(self.users[index], offsets, self.items[flat])
 
+    def prefixes(self) -> "SequenceRows":
+        """Every row `x` expanded into its rows `x[:t+1]`, t = 1..len(x)-1 (history -> next item), in order.
+
+        For models whose loss reads one position per row: they then see every
+        position a sequence-to-sequence model learns from.
+        """
+        lengths = self.lengths
+        n_prefixes = lengths - 1
+        row = np.repeat(np.arange(len(self)), n_prefixes)
+        # prefix lengths 2..len(x) for each row
+        first = np.concatenate([[0], np.cumsum(n_prefixes)])[:-1]
+        prefix_length = np.arange(len(row)) - np.repeat(first, n_prefixes) + 2
+        offsets = np.concatenate([[0], np.cumsum(prefix_length)]).astype(np.int64)
+        flat = np.repeat(self.offsets[row] - offsets[:-1], prefix_length) + np.arange(offsets[-1])
+        return SequenceRows(self.users[row], offsets, self.items[flat])
+
     @classmethod
     def concatenate(cls, parts: list["SequenceRows"]) -> "SequenceRows":
         lengths = np.concatenate([p.lengths for p in parts])

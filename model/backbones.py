@@ -1,0 +1,109 @@
+"""Stage III backbones behind one interface, so that fine-tuning treats them all alike.
+
+    model.loss(batch, item_range)    -> scalar training loss (softmax over `item_range`, None: all items)
+    model.scores(batch, item_range)  -> (B, hi - lo) scores of the candidates from each row's history
+
+`last_position_only` tells whether the loss reads one position per row; those
+models get every training row expanded into its prefixes, so that every
+backbone learns from the same next-item targets.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.resources
+
+import yaml
+from torch import nn
+
+from data import SequenceBatch
+from model.decoder import DecoderConfig, TaesarDecoder
+from model.objectives import next_item_objective, target_scores
+from model.recbole_adapter import build_recbole_model, to_interaction
+
+
+class SASRec(nn.Module):
+    """The Taesar decoder as the SASRec backbone (baselines.md section 6): sequence-to-sequence training."""
+
+    last_position_only = False
+
+    def __init__(self, n_items: int, max_len: int, **params):
+        super().__init__()
+        self.decoder = TaesarDecoder(DecoderConfig.from_model_params(n_items, max_len, params))
+
+    def loss(self, batch: SequenceBatch, item_range):
+        return next_item_objective(item_range)(self.decoder, batch)
+
+    def scores(self, batch: SequenceBatch, item_range):
+        return target_scores(item_range)(self.decoder, batch)
+
+
+class RecBoleModel(nn.Module):
+    """Any RecBole sequential model, unchanged, by its class name (NARM, BERT4Rec, Caser, ...).
+
+    Its hyperparameters are RecBole's defaults for the model
+    (`recbole/properties/model/NAME.yaml`) updated with `params`. It reads our
+    batches through `model/recbole_adapter.py`, so item ids stay the contract's.
+    RecBole's losses read the last position of a row, hence prefix expansion;
+    their softmax runs over every item id, as RecBole computes it.
+    """
+
+    last_position_only = True
+
+    def __init__(self, n_items: int, max_len: int, recbole_class: str, n_users: int = 0, **params):
+        super().__init__()
+        model_class = recbole_sequential_class(recbole_class)
+        # Our max_len counts the target too; RecBole's MAX_ITEM_LIST_LENGTH is the history's.
+        self.history_width = max_len - 1
+        self.model = build_recbole_model(model_class, n_items, self.history_width,
+                                         {**recbole_defaults(recbole_class), **params}, n_users=n_users)
+
+    def loss(self, batch: SequenceBatch, item_range):
+        return self.model.calculate_loss(to_interaction(batch, self.history_width))
+
+    def scores(self, batch: SequenceBatch, item_range):
+        lo, hi = item_range
+        return self.model.full_sort_predict(to_interaction(batch, self.history_width))[:, lo:hi]  # column i = item i
+
+
+def recbole_sequential_class(name: str):
+    module = importlib.import_module("recbole.model.sequential_recommender")
+    model_class = getattr(module, name, None)
+    if model_class is None:
+        known = sorted(n for n in dir(module) if n[0].isupper())
+        raise ValueError(f"unknown model {name!r}: neither a backbone of this project nor a RecBole sequential "
+                         f"model ({', '.join(known)})")
+    return model_class
+
+
+def recbole_defaults(name: str) -> dict:
+    import recbole
+
+    path = importlib.resources.files(recbole) / "properties" / "model" / f"{name}.yaml"
+    if not path.is_file():
+        return {}
+    values = yaml.safe_load(path.read_text()) or {}
+    # YAML 1.1 reads "1e-12" as a string; RecBole's own loader reads it as a number.
+    return {k: _number(v) for k, v in values.items()}
+
+
+def _number(value):
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+# This project's backbones, imported when asked for.
+BACKBONES = {"SASRec": "model.backbones:SASRec", "GRU4Rec": "model.gru4rec:GRU4Rec",
+             "CL4SRec": "model.cl4srec:CL4SRec", "GCEGNN": "model.gcegnn:GCEGNN"}
+
+
+def build_backbone(model_name: str, n_items: int, max_len: int, params: dict, n_users: int = 0) -> nn.Module:
+    """This project's implementation of `model_name`, or RecBole's class of that name."""
+    params = {k: v for k, v in params.items() if k != "name"}
+    if model_name in BACKBONES:
+        module, name = BACKBONES[model_name].split(":")
+        return getattr(importlib.import_module(module), name)(n_items, max_len, **params)
+    return RecBoleModel(n_items, max_len, model_name, n_users=n_users, **params)

@@ -1,0 +1,83 @@
+"""GRU4Rec, a Stage III backbone (baselines.md §7)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from data import SequenceBatch
+from model.objectives import next_item_objective, target_scores
+
+
+@dataclass
+class GRU4RecConfig:
+    n_items: int  # N; real items have ids 1..N and id 0 is padding
+    max_len: int = 128  # longest x = history + [target]; an RNN needs no bound, kept for the common interface
+    # RecBole's names; the paper's uniform configuration mapped onto an RNN (baselines.md Q-G2)
+    embedding_size: int = 128  # D: item embeddings and output states
+    hidden_size: int = 128  # D_h: GRU states
+    num_layers: int = 2
+    dropout_prob: float = 0.2  # on the input item embeddings
+
+    def __post_init__(self):
+        if self.n_items < 1:
+            raise ValueError(f"n_items must be positive, got {self.n_items}")
+
+
+class GRU4Rec(nn.Module):
+    """GRU4Rec (Hidasi et al., ICLR 2016; Tan et al., DLRS 2016) as RecBole 1.2.1 builds it
+    (`recbole/model/sequential_recommender/gru4rec.py`): dropout on the item embeddings, a stack of
+    GRU layers without biases, a Linear D_h -> D, and scores o_t E^T with the input table E.
+
+    A RecBole GRU4Rec state dict loads into it (renamed) and gives the same scores
+    (tests/test_gru4rec.py); construction and initialisation follow RecBole's order, so the same
+    seed gives the same weights.
+
+    NOTE: trained sequence-to-sequence (every position predicts the next item, block S of
+    baselines.md), where stock RecBole trains on the last position of each row only (Q-G4).
+    NOTE: `encode` returns every position and `logits` scores real items only (column j is item
+    lo + j); RecBole gathers the last position in `forward` and scores the padding row too.
+    """
+
+    last_position_only = False  # the loss reads every position: no prefix expansion (model/backbones.py)
+
+    def __init__(self, n_items: int, max_len: int, **params):
+        super().__init__()
+        self.config = config = GRU4RecConfig(n_items=n_items, max_len=max_len, **params)
+        self.item_emb = nn.Embedding(n_items + 1, config.embedding_size, padding_idx=0)
+        self.emb_dropout = nn.Dropout(config.dropout_prob)
+        self.gru = nn.GRU(config.embedding_size, config.hidden_size, num_layers=config.num_layers, bias=False,
+                          batch_first=True)
+        self.out = nn.Linear(config.hidden_size, config.embedding_size)
+        # RecBole's init (its padding row included, which only ever reaches padded positions); the
+        # other GRU layers and the Linear keep PyTorch's defaults
+        nn.init.xavier_normal_(self.item_emb.weight)
+        nn.init.xavier_uniform_(self.gru.weight_hh_l0)
+        nn.init.xavier_uniform_(self.gru.weight_ih_l0)
+
+    @property
+    def all_items(self) -> tuple[int, int]:
+        """Half-open id range of every real item."""
+        return 1, self.config.n_items + 1
+
+    def encode(self, items: torch.Tensor) -> torch.Tensor:
+        """(B, L) right-padded item ids -> (B, L, D) outputs o_t; o_t has seen items[:, :t+1]."""
+        states, _ = self.gru(self.emb_dropout(self.item_emb(items)))  # (B, L, D_h)
+        return self.out(states)
+
+    def logits(self, hidden: torch.Tensor, item_range: tuple[int, int] | None = None) -> torch.Tensor:
+        """(..., D) outputs -> (..., hi - lo) scores o E[lo:hi]^T; column j is item lo + j (None: all items)."""
+        lo, hi = self.all_items if item_range is None else item_range
+        if not 1 <= lo < hi <= self.config.n_items + 1:
+            raise ValueError(f"item_range {item_range} is not a non-empty range inside 1..{self.config.n_items}")
+        return hidden @ self.item_emb.weight[lo:hi].T
+
+    def loss(self, batch: SequenceBatch, item_range: tuple[int, int] | None) -> torch.Tensor:
+        """s2s cross-entropy over `item_range` (None: all items), averaged over every predicted position."""
+        # the decoder's objective: it reads the model only through encode / logits / all_items
+        return next_item_objective(item_range)(self, batch)
+
+    def scores(self, batch: SequenceBatch, item_range: tuple[int, int]) -> torch.Tensor:
+        """(B, hi - lo) scores of the candidates from the output that has read each row's history."""
+        return target_scores(item_range)(self, batch)
