@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# The main job end to end on one dataset (the embedded ACDT by default):
+# The main job end to end (the official run.sh's chain), on the embedded ACDT dataset by default:
 #   bash run.sh
-#   DATASET=synthetic SEEDS="2025 2026" DOMAINS="dom1 dom4" GPU_ID=0 bash run.sh
-# Sets up .venv/ on first use (pinned requirements), then chains the stages that exist.
-# Every default lives in config/overall.yaml; this script only chains the stages, and
-# each stage finds the previous one's output from the same settings.
+#   DATASET=synthetic SEEDS="2025 2026" DOMAINS="dom1 dom4" BACKBONES="SASRec GRU4Rec" GPU_ID=0 bash run.sh
+# Sets up .venv/ on first use (pinned requirements), then: prepare the data; per seed, pretrain
+# once (Stage I) and decode every target domain (Stage II); fine-tune every backbone on new, sim
+# and full data of every target domain (Stage III); print the results table.
+# Every setting lives in config/overall.yaml; this script only chains the stages, and each stage
+# finds the previous one's output from the same settings. Extra Hydra overrides for every stage
+# can be given as arguments, e.g. `bash run.sh epochs=50`.
 source "$(dirname "$0")/scripts/venv.sh"
 DATASET="${DATASET:-ACDT}"
 SEEDS="${SEEDS:-2025}"
+BACKBONES="${BACKBONES:-SASRec}"
 GPU_ID="${GPU_ID:-0}"
+RUN="outputs/run.sh/$DATASET/$(date +%Y-%m-%d_%H-%M-%S)"
+join() { local IFS=,; echo "$*"; }
 
 echo "== data preparation: dataset=$DATASET"
 python -m dataset.prepare dataset="$DATASET"
@@ -17,13 +23,16 @@ DOMAINS="${DOMAINS:-$(python -c "from data import PreparedDataset; print(' '.joi
 
 for seed in $SEEDS; do
     echo "== Stage I, pretraining: dataset=$DATASET seed=$seed"
-    python pretrain.py dataset="$DATASET" seed="$seed" gpu_id="$GPU_ID"
-    for target_dom in $DOMAINS; do
-        echo "== Stage II, decoding: dataset=$DATASET seed=$seed target_dom=$target_dom"
-        python decoding.py dataset="$DATASET" seed="$seed" gpu_id="$GPU_ID" target_dom="$target_dom"
-    done
+    python pretrain.py dataset="$DATASET" seed="$seed" gpu_id="$GPU_ID" hydra.run.dir="$RUN/pretrain/seed=$seed" "$@"
 done
+echo "== Stage II, decoding: dataset=$DATASET seeds=$SEEDS target domains=$DOMAINS"
+python decoding.py -m dataset="$DATASET" seed="$(join $SEEDS)" gpu_id="$GPU_ID" target_dom="$(join $DOMAINS)" \
+    hydra.sweep.dir="$RUN/decoding" "$@"
+echo "== Stage III, fine-tuning: backbones=$BACKBONES on new, sim and full data"
+python finetune.py -m dataset="$DATASET" seed="$(join $SEEDS)" gpu_id="$GPU_ID" target_dom="$(join $DOMAINS)" \
+    train_type=new,sim,full model_name="$(join $BACKBONES)" hydra.sweep.dir="$RUN/finetune" "$@"
 
-echo "Stage III (finetune.py) is not implemented yet: run.sh stops after Stage II."
-echo "Prepared data: dataset/$DATASET/; checkpoints: checkpoint/$DATASET/;"
-echo "regenerated training files: dataset/$DATASET/regenerated/; run logs and metrics: outputs/"
+echo "== results (test metrics, Table 2 layout)"
+python results.py "$RUN/finetune" --out "$RUN"
+echo "Prepared data: dataset/$DATASET/ (regenerated files in dataset/$DATASET/regenerated/);"
+echo "checkpoints: checkpoint/$DATASET/; this run's logs, configs and metrics: $RUN/"

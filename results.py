@@ -1,0 +1,106 @@
+"""Gather the test metrics of fine-tuning runs into the layout of the paper's Table 2.
+
+    python results.py                          # every outputs/ and multirun/ run of finetune.py
+    python results.py DIR [DIR ...] --out results/ACDT
+
+Rows: backbone and train type; columns: HR, NDCG and MRR at 10 and 20 for each
+target domain. With several seeds a cell is `mean ± std` (sample standard
+deviation). Writes `table.md` and `table.csv` (one column per metric, mean and
+std apart) and prints the Markdown.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from data.files import write_text_atomic
+from data.paths import project_path
+
+METRICS = ("hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr@10", "mrr@20")
+HEADER = {"hr": "HR", "ndcg": "NG", "mrr": "MRR"}
+TRAIN_TYPES = ("sim", "full", "new")
+
+
+def collect(folders: list[Path]) -> list[dict]:
+    """The metrics.json of every fine-tuning run below the folders (latest run of a setting wins)."""
+    runs = {}
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("metrics.json"), key=lambda p: p.stat().st_mtime):
+            metrics = json.loads(path.read_text())
+            if metrics.get("stage") != "finetune":
+                continue
+            key = (metrics["dataset"], metrics["model_name"], metrics["train_type"], metrics["target_dom"],
+                   metrics.get("variant"), metrics["seed"])
+            runs[key] = metrics
+    return list(runs.values())
+
+
+def table(runs: list[dict]) -> tuple[list[str], list[list[str]], list[dict]]:
+    """(header, Markdown rows, CSV records) of Table 2; one row per (dataset, model, train type, variant)."""
+    cells = defaultdict(list)  # (row key, domain, metric) -> values over seeds
+    rows, domains = [], set()
+    for run in runs:
+        train_type = run["train_type"] if run["train_type"] != "new" else f"new ({run.get('variant') or 'taesar'})"
+        row = (run["dataset"], run["model_name"], train_type)
+        if row not in rows:
+            rows.append(row)
+        domains.add(run["target_dom"])
+        for metric in METRICS:
+            cells[row, run["target_dom"], metric].append(run["test"][metric])
+    domains = sorted(domains, key=lambda d: int(d[3:]))
+    order = {t: i for i, t in enumerate(TRAIN_TYPES)}
+    rows.sort(key=lambda r: (r[0], r[1], order.get(r[2].split(" ")[0], 9), r[2]))
+    header = ["dataset", "model", "train"] + [f"{d} {HEADER[m.split('@')[0]]}@{m.split('@')[1]}"
+                                              for d in domains for m in METRICS]
+    markdown, records = [], []
+    for row in rows:
+        line, record = list(row), dict(zip(("dataset", "model", "train"), row))
+        for d in domains:
+            for metric in METRICS:
+                values = cells.get((row, d, metric), [])
+                mean = statistics.fmean(values) if values else None
+                std = statistics.stdev(values) if len(values) > 1 else None
+                line.append("–" if mean is None else f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else ""))
+                record[f"{d} {metric}"] = "" if mean is None else f"{mean:.6f}"
+                record[f"{d} {metric} std"] = "" if std is None else f"{std:.6f}"
+                record[f"{d} {metric} seeds"] = len(values)
+        markdown.append(line)
+        records.append(record)
+    return header, markdown, records
+
+
+def write_tables(runs: list[dict], out: Path) -> str:
+    """Write table.md and table.csv into `out`; returns the Markdown."""
+    header, lines, records = table(runs)
+    text = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
+    text += "".join("| " + " | ".join(line) + " |\n" for line in lines)
+    write_text_atomic(out / "table.md", text)
+    buffer = io.StringIO()
+    if records:
+        writer = csv.DictWriter(buffer, fieldnames=list(records[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(records)
+    write_text_atomic(out / "table.csv", buffer.getvalue())
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", nargs="*", type=Path, help="run folders to search (default: outputs/ multirun/)")
+    parser.add_argument("--out", type=Path, default=Path("results"), help="where table.md and table.csv go")
+    args = parser.parse_args(argv)
+    folders = args.folders or [project_path("outputs"), project_path("multirun")]
+    runs = collect([f for f in folders if Path(f).exists()])
+    if not runs:
+        raise SystemExit(f"error: no finetune.py metrics.json below {', '.join(map(str, folders))}")
+    print(write_tables(runs, project_path(args.out)), end="")
+    print(f"{len(runs)} runs -> {project_path(args.out) / 'table.md'}, table.csv")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""The results command: Table 2 layout, means and standard deviations over seeds."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from results import collect, main
+
+METRICS = ("hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr@10", "mrr@20")
+
+
+def write_run(folder, model, train_type, dom, seed, value, variant="taesar"):
+    folder.mkdir(parents=True)
+    test = {m: value for m in METRICS} | {"hr@5": value}
+    (folder / "metrics.json").write_text(json.dumps({
+        "stage": "finetune", "dataset": "X", "model_name": model, "train_type": train_type, "target_dom": dom,
+        "seed": seed, "variant": variant if train_type == "new" else None, "valid": {}, "test": test}))
+
+
+def test_table_layout_and_seed_statistics(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs / "a", "SASRec", "new", "dom1", 1, 0.2)
+    write_run(runs / "b", "SASRec", "new", "dom1", 2, 0.4)
+    write_run(runs / "c", "SASRec", "sim", "dom2", 1, 0.1)
+    write_run(runs / "d", "GRU4Rec", "full", "dom1", 1, 0.3)
+    (runs / "e").mkdir()
+    (runs / "e" / "metrics.json").write_text(json.dumps({"stage": "pretrain"}))  # not a fine-tuning run
+    assert len(collect([runs])) == 4
+    main([str(runs), "--out", str(tmp_path / "out")])
+    lines = (tmp_path / "out" / "table.md").read_text().splitlines()
+    assert lines[0].startswith("| dataset | model | train | dom1 HR@10 | dom1 HR@20 | dom1 NG@10")
+    assert len(lines) == 2 + 3  # header, rule, one row per (model, train type)
+    new_row = next(line for line in lines if "new (taesar)" in line)
+    assert "0.3000 ± 0.1414" in new_row  # mean and sample std of 0.2 and 0.4
+    assert lines[2].split(" | ")[1:3] == ["GRU4Rec", "full"]  # sorted by model, then sim, full, new
+    records = list(csv.DictReader((tmp_path / "out" / "table.csv").open()))
+    sasrec_new = next(r for r in records if r["train"] == "new (taesar)")
+    assert float(sasrec_new["dom1 ndcg@10"]) == pytest.approx(0.3)
+    assert sasrec_new["dom1 ndcg@10 seeds"] == "2" and sasrec_new["dom2 ndcg@10"] == ""
+
+
+def test_no_runs_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no finetune.py metrics.json"):
+        main([str(tmp_path), "--out", str(tmp_path / "out")])
