@@ -23,7 +23,7 @@ DOMAINS="${DOMAINS:-$(python -c "from data import PreparedDataset; print(' '.joi
 
 for seed in $SEEDS; do
     echo "== Stage I, pretraining: dataset=$DATASET seed=$seed"
-    python pretrain.py dataset="$DATASET" seed="$seed" gpu_id="$GPU_ID" hydra.run.dir="$RUN/pretrain/seed=$seed" "$@"
+    python pretrain.py dataset="$DATASET" seed="$seed" gpu_id="$GPU_ID" hydra.run.dir="$RUN/pretrain/seed_$seed" "$@"
 done
 echo "== Stage II, decoding: dataset=$DATASET seeds=$SEEDS target domains=$DOMAINS"
 python decoding.py -m dataset="$DATASET" seed="$(join $SEEDS)" gpu_id="$GPU_ID" target_dom="$(join $DOMAINS)" \
