@@ -92,7 +92,7 @@ def run_finetune(cfg: DictConfig) -> dict:
     params = OmegaConf.to_container(cfg.model, resolve=True)
     n_users = int(dataset.rows("full.test").users.max())  # every user has a test row
     model = build_backbone(cfg.model_name, dataset.domains.n_items, cfg.MAX_ITEM_LIST_LENGTH, params,
-                           n_users=n_users).to(device)
+                           n_users=n_users, device=device).to(device)
     if hasattr(model, "build_global_graph"):
         model.build_global_graph(rows)
     if model.last_position_only:

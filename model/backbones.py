@@ -12,13 +12,15 @@ from __future__ import annotations
 import importlib
 import importlib.resources
 
+import torch
 import yaml
+from recbole.data.transform import construct_transform
 from torch import nn
 
 from data import SequenceBatch
 from model.decoder import DecoderConfig, TaesarDecoder
 from model.objectives import next_item_objective, target_scores
-from model.recbole_adapter import build_recbole_model, to_interaction
+from model.recbole_adapter import Vocabulary, recbole_config, to_interaction
 
 
 class SASRec(nn.Module):
@@ -49,16 +51,23 @@ class RecBoleModel(nn.Module):
 
     last_position_only = True
 
-    def __init__(self, n_items: int, max_len: int, recbole_class: str, n_users: int = 0, **params):
+    def __init__(self, n_items: int, max_len: int, recbole_class: str, n_users: int = 0,
+                 device: torch.device = torch.device("cpu"), **params):
         super().__init__()
         model_class = recbole_sequential_class(recbole_class)
         # Our max_len counts the target too; RecBole's MAX_ITEM_LIST_LENGTH is the history's.
         self.history_width = max_len - 1
-        self.model = build_recbole_model(model_class, n_items, self.history_width,
-                                         {**recbole_defaults(recbole_class), **params}, n_users=n_users)
+        config = recbole_config(n_items, self.history_width, {"transform": None, **recbole_defaults(recbole_class),
+                                                                **params}, device)
+        self.vocabulary = Vocabulary(n_items, n_users)
+        # Some models train on batches RecBole's loader transforms first (BERT4Rec masks items);
+        # building the transform also names the fields it adds in the config the model reads.
+        self.transform = construct_transform(config)
+        self.model = model_class(config, self.vocabulary)
 
     def loss(self, batch: SequenceBatch, item_range):
-        return self.model.calculate_loss(to_interaction(batch, self.history_width))
+        interaction = to_interaction(batch, self.history_width)
+        return self.model.calculate_loss(self.transform(self.vocabulary, interaction))
 
     def scores(self, batch: SequenceBatch, item_range):
         lo, hi = item_range
@@ -100,10 +109,12 @@ BACKBONES = {"SASRec": "model.backbones:SASRec", "GRU4Rec": "model.gru4rec:GRU4R
              "CL4SRec": "model.cl4srec:CL4SRec", "GCEGNN": "model.gcegnn:GCEGNN"}
 
 
-def build_backbone(model_name: str, n_items: int, max_len: int, params: dict, n_users: int = 0) -> nn.Module:
+def build_backbone(model_name: str, n_items: int, max_len: int, params: dict, n_users: int = 0,
+                   device: torch.device = torch.device("cpu")) -> nn.Module:
     """This project's implementation of `model_name`, or RecBole's class of that name."""
     params = {k: v for k, v in params.items() if k != "name"}
     if model_name in BACKBONES:
         module, name = BACKBONES[model_name].split(":")
         return getattr(importlib.import_module(module), name)(n_items, max_len, **params)
-    return RecBoleModel(n_items, max_len, model_name, n_users=n_users, **params)
+    # RecBole models also read the device from their config (to build tensors of their own).
+    return RecBoleModel(n_items, max_len, model_name, n_users=n_users, device=device, **params)

@@ -16,7 +16,7 @@ from data import SequenceBatch
 ITEM_SEQ, ITEM_SEQ_LEN, ITEM, USER = "item_id_list", "item_length", "item_id", "user_id"
 
 
-class _Vocabulary:
+class Vocabulary:
     """The part of a RecBole Dataset a SequentialRecommender reads: id counts (padding included)."""
 
     def __init__(self, n_items: int, n_users: int):
@@ -48,7 +48,7 @@ def build_recbole_model(model_class, n_items: int, max_len: int, params: dict, d
                         n_users: int = 0):
     """An instance of a RecBole sequential model class over item ids 1..n_items (and users 1..n_users,
     for the models that embed users, such as Caser)."""
-    return model_class(recbole_config(n_items, max_len, params, device), _Vocabulary(n_items, n_users)).to(device)
+    return model_class(recbole_config(n_items, max_len, params, device), Vocabulary(n_items, n_users)).to(device)
 
 
 def to_interaction(batch: SequenceBatch, width: int | None = None) -> Interaction:

@@ -63,7 +63,7 @@ def test_candidates_are_the_target_domain(decoded, train_type):
     assert (decoded / "run" / "metrics.json").is_file()
 
 
-@pytest.mark.parametrize("model_name", ["SASRec", "GRU4Rec", "CL4SRec", "GCEGNN", "NARM", "Caser"])
+@pytest.mark.parametrize("model_name", ["SASRec", "GRU4Rec", "CL4SRec", "GCEGNN", "NARM", "Caser", "BERT4Rec"])
 def test_every_named_backbone_trains_one_epoch(decoded, model_name):
     overrides = [o for o in tiny_overrides(decoded) if not o.startswith("model.")]
     small = {"GCEGNN": ["model.embedding_size=32"]}.get(model_name, ["model.hidden_size=32"])

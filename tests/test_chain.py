@@ -1,0 +1,58 @@
+"""The whole chain on tiny synthetic data: prepare, pretrain, decode, fine-tune, report."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+
+import pytest
+
+from data.paths import PROJECT_ROOT
+from decoding import run_decoding
+from experiment import regenerated_dir, stage1_paths
+from finetune import run_finetune
+from pretrain import run_pretrain
+from results import main as results_main
+from tests.conftest import compose, tiny_overrides
+
+STAGES = ["seed=2025", "epochs=2", "expert.epochs=1"]
+
+
+def test_smoke_chain_writes_every_output(tmp_path):
+    overrides = [*STAGES, *tiny_overrides(tmp_path)]
+    run_pretrain(compose("pretrain", overrides))
+    paths = stage1_paths(compose("pretrain", overrides))
+    assert paths.base.is_file() and all(paths.expert(f"dom{d}").is_file() for d in (1, 2, 3))
+    data = tmp_path / "data" / "TINY"
+    assert (data / "TINY.item").is_file() and (data / "manifest.json").is_file()
+    for target in ("dom1", "dom2", "dom3"):
+        cfg = compose("decoding", [f"target_dom={target}", *overrides])
+        run_decoding(cfg)
+        for suffix in ("inter", "summary.json", "mapping.json", "manifest.json"):
+            assert (regenerated_dir(cfg) / f"TINY.2025.{target}.train.{suffix}").is_file()
+    runs = tmp_path / "runs"
+    for target in ("dom1", "dom2", "dom3"):
+        for train_type in ("new", "sim", "full"):
+            run_dir = runs / f"{target}-{train_type}"
+            metrics = run_finetune(compose("finetune", [f"train_type={train_type}", f"target_dom={target}",
+                                                        *[o for o in overrides if not o.startswith("+run_dir")],
+                                                        f"+run_dir={run_dir}"]))
+            assert json.loads((run_dir / "metrics.json").read_text()) == metrics
+            for split in ("valid", "test"):
+                assert all(0.0 <= v <= 1.0 and math.isfinite(v) for v in metrics[split].values())
+    results_main([str(runs), "--out", str(tmp_path / "report")])
+    table = (tmp_path / "report" / "table.md").read_text().splitlines()
+    assert len(table) == 2 + 3 and all(f"{d} NG@10" in table[0] for d in ("dom1", "dom2", "dom3"))
+    assert (tmp_path / "report" / "table.csv").is_file()
+
+
+@pytest.mark.slow
+def test_run_sh_on_synthetic_data(tmp_path):
+    """`bash run.sh` itself, on the small default synthetic dataset with short trainings."""
+    env = {**os.environ, "DATASET": "synthetic", "DOMAINS": "dom1"}
+    result = subprocess.run(["bash", "run.sh", "epochs=2", "expert.epochs=1", "model.hidden_size=16",
+                             "model.inner_size=16", "logger.mode=disabled", "progress=false"],
+                            cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| dataset | model | train |" in result.stdout
