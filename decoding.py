@@ -71,7 +71,7 @@ def run_decoding(cfg: DictConfig) -> dict:
     if (folder / f"{stem}.inter").is_file() and not cfg.overwrite:
         log.info("%s is decoded already (%s); overwrite=true decodes anew", stem, folder)
         report = json.loads((folder / f"{stem}.summary.json").read_text())
-        write_run_files(run_dir, cfg, report)
+        write_run_files(run_dir, cfg, {**report, "file": str(folder / f"{stem}.inter")})
         return report
 
     seed_everything(cfg.seed)
@@ -105,7 +105,7 @@ def run_decoding(cfg: DictConfig) -> dict:
     logger = RunLogger(cfg, run_dir, job="decoding")
     logger.summary({k: v for k, v in report.items() if isinstance(v, (int, float))})
     logger.finish()
-    write_run_files(run_dir, cfg, report)
+    write_run_files(run_dir, cfg, {**report, "file": str(path)})  # where later analysis finds it
     return report
 
 

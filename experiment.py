@@ -37,6 +37,15 @@ OmegaConf.register_new_resolver("safe_dirname", safe_dirname, replace=True)
 DECODER_MODELS = ("SASRec",)  # Stage I and II models: the Taesar decoder is SASRec-style
 
 
+def compose(config_name: str, overrides: list[str]) -> DictConfig:
+    """A stage config as Hydra composes it for `python STAGE.py OVERRIDES`, for callers outside Hydra."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(project_path("config")), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides)
+
+
 def check_stage(cfg: DictConfig, expected: str) -> None:
     """The official commands pass `stage=run|dec|tun`; a script only runs its own stage."""
     if cfg.stage != expected:

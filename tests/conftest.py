@@ -6,6 +6,7 @@ import pytest
 from data import PreparedDataset
 from dataset.acdt import write_acdt_raw
 from dataset.prepare import prepare_files
+from experiment import compose  # noqa: F401 (tests import it from here)
 
 
 @pytest.fixture(scope="session")
@@ -18,17 +19,6 @@ def acdt_dataset(acdt_raw, tmp_path_factory) -> PreparedDataset:
     root = tmp_path_factory.mktemp("data")
     prepare_files(acdt_raw, root / "ACDT", "ACDT", domain_names=[p.stem for p in acdt_raw])
     return PreparedDataset(root, "ACDT")
-
-
-def compose(config_name: str, overrides: list[str]):
-    """A stage config as Hydra composes it for `python STAGE.py OVERRIDES`."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from data.paths import PROJECT_ROOT
-
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "config"), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=overrides)
 
 
 def tiny_overrides(tmp_path, **generator) -> list[str]:

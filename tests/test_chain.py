@@ -56,3 +56,7 @@ def test_run_sh_on_synthetic_data(tmp_path):
                             cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| dataset | model | train |" in result.stdout
+    run = sorted((PROJECT_ROOT / "outputs" / "run.sh" / "synthetic").iterdir())[-1]
+    for name in ("table.md", "table.csv", "ndcg10.png", "analysis/seed_2025/diagnostics_dom1.png",
+                 "analysis/seed_2025/diagnostics_dom1.json", "analysis/seed_2025/mapping_dom1.png"):
+        assert (run / name).is_file(), name
