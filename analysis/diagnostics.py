@@ -32,8 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
+from analysis import save_figure
 from data.dataset import PreparedDataset
-from data.files import SequenceRows, atomic_path, read_inter, write_text_atomic
+from data.files import SequenceRows, read_inter, write_text_atomic
 from data.paths import project_path
 
 # Upper edges of the segments as integer percents of |R_T|: integer arithmetic
@@ -192,12 +193,10 @@ def plot_diagnostics(numbers: dict, out_png: Path, title: str | None = None) -> 
         if title:
             fig.suptitle(title, fontsize=10)
         fig.tight_layout()
-        out_png = Path(out_png)
-        with atomic_path(out_png) as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
+    except BaseException:
         plt.close(fig)
-    return out_png
+        raise
+    return save_figure(fig, out_png)
 
 
 # --------------------------------------------------------------------------- command

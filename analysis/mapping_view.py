@@ -24,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from analysis import save_figure
 from analysis.diagnostics import add_input_arguments, resolve_inputs
 from data.domains import DomainRanges
-from data.files import atomic_path, write_text_atomic
+from data.files import write_text_atomic
 from data.paths import project_path
 
 METHODS = {"pca": "PCA", "tsne": "t-SNE"}  # --method -> label
@@ -130,11 +131,10 @@ def mapping_view(embedding, domains: DomainRanges, target: str, mapping: dict, m
         ax.title.set_fontsize(9)
         ax.legend(fontsize=7, loc="best", markerscale=1.5)
         fig.tight_layout()
-        out_png = Path(out_png)
-        with atomic_path(out_png) as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
+    except BaseException:
         plt.close(fig)
+        raise
+    save_figure(fig, out_png)
 
     numbers = {"method": method, "source_items": int(is_source.sum()), "target_items": int(is_target.sum()),
                "transformed_source_items": len(chosen), "counterparts": len(matched), "lines": len(top)}

@@ -19,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-from data.files import atomic_path  # noqa: E402
+from analysis import save_figure  # noqa: E402
 
 # The train column of table.csv -> bar label, in plotting order.
 TRAINS = {"sim": "sim", "full": "full", "new (taesar)": "new"}
@@ -75,9 +75,7 @@ def plot(table_csv: Path, out: Path, metric: str = "ndcg@10") -> Path:
     fig.legend(loc="upper center", ncol=len(TRAINS), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.92))  # room for the legend above the panels
     out = Path(out)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, out, dpi=100)
     return out
 
 
