@@ -123,8 +123,9 @@ def run_finetune(cfg: DictConfig) -> dict:
                           lambda m, b: m.scores(b, target_range), target_range)
 
     if checkpoint.is_file() and not cfg.overwrite:
-        model.load_state_dict(load_checkpoint(checkpoint)["state_dict"])
-        valid = load_checkpoint(checkpoint)["valid_metrics"]
+        saved = load_checkpoint(checkpoint)
+        model.load_state_dict(saved["state_dict"])
+        valid = saved["valid_metrics"]
         log.info("reusing the finished checkpoint %s (overwrite=true trains anew)", checkpoint)
     else:
         if cfg.overwrite:
