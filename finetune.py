@@ -1,92 +1,72 @@
 """Stage III: train a backbone on original, mixed or regenerated data of a target domain.
 
     python finetune.py -m stage=tun gpu_id=0 seed=2025 train_type=new target_dom=dom1
-    python finetune.py train_type=sim target_dom=dom1 model_name=GRU4Rec
+    python finetune.py train_type=sim target_dom=dom1 model_name=GRU4Rec trainer.finetune.epochs=50
     python finetune.py -m train_type=sim,new,full target_dom=dom1,dom2,dom3,dom4 model_name=SASRec,CL4SRec
 
-Training rows by `train_type` (algorithm.md, Stage III): `sim` dom{d}.train,
-`new` the regenerated file that decoding.py wrote with the same settings,
-`full` full.train (mixed; the loss then ranks all items). Validation and test
-always use dom{d}.valid / dom{d}.test, ranked over the target domain's items;
-the best epoch on validation NDCG@10 is tested. `model_name` is SASRec,
-GRU4Rec, CL4SRec, GCEGNN or any RecBole sequential model.
+Training rows by `train_type`: `sim` dom{d}.train, `new` the regenerated file
+that decoding.py wrote for the same settings (its location is computed from
+this config), `full` full.train (mixed; the loss then ranks all items).
+Validation and test always use dom{d}.valid / dom{d}.test, ranked over the
+target domain's items; the best epoch on validation NDCG@10 is tested
+(`trainer.finetune`). `model_name` is SASRec, GRU4Rec, CL4SRec, GCEGNN or any
+RecBole sequential model.
 """
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from data import SequenceLoader, read_inter
-from data.regenerated import regenerated_name
-from experiment import (
-    RunLogger, check_stage, open_dataset, run_dir_of, seed_everything, train_config,
-    settings_key, variant_name, write_run_files,
-)
-from model.backbones import build_backbone
+from data.fingerprints import fingerprint
 from data.paths import project_path
-from trainer import Evaluation, evaluate, fit, load_checkpoint, resume_file, select_device
+from dataset.prepare import prepare_dataset
+from model.backbones import build_backbone
+from pipeline.artifacts import (
+    decoding_inputs, finetune_checkpoint, missing_regenerated, open_dataset, regenerated, write_settings,
+)
+from pipeline.runs import RunLogger, finish_run, run_folder, seed_everything, user_errors
+from pipeline.settings import rerun_command, stage_settings, train_config, variant_name
+from trainer import Evaluation, check_meta, evaluate, fit, load_checkpoint, resume_file, select_device
 
 log = logging.getLogger(__name__)
-TRAIN_TYPES = ("sim", "new", "full")
+# Keys only Stage III reads: left out of the decoding command a missing regenerated file asks for.
+FINETUNE_KEYS = ("stage", "train_type", "model_name", "model", "new_inter_path", "trainer.finetune", "epochs",
+                 "train_batch_size", "learning_rate", "weight_decay", "stopping_step", "eval_step")
 
 
-def regenerated_file(cfg: DictConfig, dataset) -> Path:
-    """The training file of train_type=new: `new_inter_path`, or the one decoding.py wrote for this
-    dataset, seed, target domain and variant.
-
-    Stage III does not know Stage I's training settings (its own `epochs` or `model` differ), so the
-    variant folders `regenerated/VARIANT-KEY/` are searched; their manifests say which decoding
-    options made them. More than one match asks for an explicit `new_inter_path`.
-    """
+def training_rows(cfg: DictConfig, dataset):
+    """The training rows a `train_type` names, the record of their file, and what names them in the
+    checkpoint's key (a split, the regenerated file's folder, or the explicit path)."""
+    if cfg.train_type in ("sim", "full"):
+        split = f"{cfg.target_dom}.train" if cfg.train_type == "sim" else "full.train"
+        return dataset.rows(split), dataset.fingerprint(split), split
     if cfg.new_inter_path:
         path = project_path(cfg.new_inter_path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: new_inter_path names no file")
-        return path
-    stem = regenerated_name(dataset.name, cfg.seed, cfg.target_dom)
-    decoding = OmegaConf.to_container(cfg.decoding, resolve=True)
-    decoding.pop("positions_per_chunk")
-    matches = []
-    for path in sorted((dataset.root / "regenerated").glob(f"{variant_name(cfg)}-*/{stem}.inter")):
-        manifest = json.loads(path.with_name(f"{stem}.manifest.json").read_text())
-        options = {k: v for k, v in manifest["decoding"].items() if k != "positions_per_chunk"}
-        if manifest["variant"] == variant_name(cfg) and options == decoding:
-            matches.append(path)
-    if not matches:
-        raise FileNotFoundError(
-            f"{dataset.root / 'regenerated'}/{variant_name(cfg)}-*/{stem}.inter: regenerated training file not found; "
-            f"run `python decoding.py target_dom={cfg.target_dom} seed={cfg.seed}` ({variant_name(cfg)}) first"
-        )
-    if len(matches) > 1:
-        raise ValueError(f"several regenerated files fit ({', '.join(map(str, matches))}); choose one with "
-                         "new_inter_path=PATH")
-    return matches[0]
-
-
-def training_rows(cfg: DictConfig, dataset):
-    """The training rows a `train_type` names, and where they come from."""
-    if cfg.train_type not in TRAIN_TYPES:
-        raise ValueError(f"config key 'train_type' is {cfg.train_type!r}; expected one of {', '.join(TRAIN_TYPES)}")
-    if cfg.train_type == "sim":
-        return dataset.rows(f"{cfg.target_dom}.train"), dataset.path(f"{cfg.target_dom}.train")
-    if cfg.train_type == "full":
-        return dataset.rows("full.train"), dataset.path("full.train")
-    path = regenerated_file(cfg, dataset)
-    return read_inter(path, dataset.domains.n_items, one_row_per_user=False), path
+        source = str(path)
+    else:
+        output = regenerated(cfg)
+        if not output.inter.is_file():
+            command = rerun_command("decoding.py", cfg, FINETUNE_KEYS, [f"target_dom={cfg.target_dom}",
+                                                                         f"seed={cfg.seed}"])
+            raise missing_regenerated(cfg, output, command)
+        output.check(decoding_inputs(cfg, dataset, cfg.target_dom))  # decoded from today's data and checkpoints
+        path, source = output.inter, output.folder.name
+    return read_inter(path, dataset.domains.n_items, one_row_per_user=False), fingerprint(path), source
 
 
 def run_finetune(cfg: DictConfig) -> dict:
     """Train, select on validation, test; returns the validation and test metrics."""
-    check_stage(cfg, "tun")
-    training = train_config(cfg)
+    stage_settings(cfg, "tun")
+    training = train_config(cfg, "finetune")
+    prepare_dataset(cfg.dataset, cfg.data_path, progress=cfg.progress)  # reused when up to date
     dataset = open_dataset(cfg)
     target_range = dataset.domains.range(cfg.target_dom)
-    rows, source = training_rows(cfg, dataset)
+    rows, source_record, source = training_rows(cfg, dataset)
     seed_everything(cfg.seed)
     device = select_device(cfg.gpu_id)
     params = OmegaConf.to_container(cfg.model, resolve=True)
@@ -101,19 +81,15 @@ def run_finetune(cfg: DictConfig) -> dict:
     # mixes every domain, so its loss ranks all items (prediction stays on the target domain).
     loss_range = None if cfg.train_type == "full" else target_range
 
-    settings = {"dataset": OmegaConf.to_container(cfg.dataset, resolve=True), "model": params,
-                "train_type": cfg.train_type, "target_dom": cfg.target_dom, "source": str(source),
-                "training": {k: v for k, v in vars(training).items()}, "batch": cfg.train_batch_size,
-                "MAX_ITEM_LIST_LENGTH": cfg.MAX_ITEM_LIST_LENGTH}
-    folder = (project_path(cfg.checkpoint_dir) / dataset.name / "finetune"
-              / f"{cfg.model_name}-{cfg.train_type}-{cfg.target_dom}-{settings_key(settings)}")
-    checkpoint = folder / f"{cfg.model_name}-{dataset.name}-{cfg.seed}.tune.ckpt"
+    checkpoint, settings = finetune_checkpoint(cfg, source)
+    write_settings(checkpoint.parent, settings)
     meta = {"dataset": dataset.name, "n_items": dataset.domains.n_items, "model_name": cfg.model_name,
-            "train_type": cfg.train_type, "target_dom": cfg.target_dom}
-    run_dir = run_dir_of(cfg)
-    logger = RunLogger(cfg, run_dir, job=f"finetune-{cfg.model_name}-{cfg.train_type}-{cfg.target_dom}")
+            "train_type": cfg.train_type, "target_dom": cfg.target_dom,
+            "inputs": {"train": source_record, "valid": dataset.fingerprint(f"{cfg.target_dom}.valid"),
+                       "item": dataset.fingerprint("item")}}
+    logger = RunLogger(cfg, run_folder(cfg), job=f"finetune-{cfg.model_name}-{cfg.train_type}-{cfg.target_dom}")
     log.info("Stage III: %s on %s %s rows (%d, from %s), %s, device %s", cfg.model_name, cfg.train_type,
-             cfg.target_dom, len(rows), source, variant_name(cfg), device)
+             cfg.target_dom, len(rows), source_record["path"], variant_name(cfg), device)
 
     def loader(rows_, shuffle, batch_size):
         return SequenceLoader(rows_, batch_size, cfg.MAX_ITEM_LIST_LENGTH, shuffle=shuffle, seed=cfg.seed)
@@ -124,13 +100,14 @@ def run_finetune(cfg: DictConfig) -> dict:
 
     if checkpoint.is_file() and not cfg.overwrite:
         saved = load_checkpoint(checkpoint)
+        check_meta(saved["meta"], meta, checkpoint)
         model.load_state_dict(saved["state_dict"])
         valid = saved["valid_metrics"]
         log.info("reusing the finished checkpoint %s (overwrite=true trains anew)", checkpoint)
     else:
         if cfg.overwrite:
             resume_file(checkpoint).unlink(missing_ok=True)
-        valid = fit(model, lambda m, b: m.loss(b, loss_range), loader(rows, True, cfg.train_batch_size), training,
+        valid = fit(model, lambda m, b: m.loss(b, loss_range), loader(rows, True, training.batch_size), training,
                     checkpoint=checkpoint, meta=meta, valid=evaluation("valid"), resume=cfg.resume, logger=logger,
                     log_prefix=f"{cfg.model_name}/{cfg.train_type}/{cfg.target_dom}", progress=cfg.progress,
                     device=device).valid_metrics
@@ -140,15 +117,13 @@ def run_finetune(cfg: DictConfig) -> dict:
                "train_type": cfg.train_type, "target_dom": cfg.target_dom, "seed": cfg.seed,
                "variant": variant_name(cfg) if cfg.train_type == "new" else None,
                "valid": valid, "test": test, "checkpoint": str(checkpoint)}
-    logger.summary({f"test/{k}": v for k, v in test.items()})
-    logger.finish()
-    write_run_files(run_dir, cfg, metrics)
-    return metrics
+    return finish_run(cfg, logger, metrics, {f"test/{k}": v for k, v in test.items()})
 
 
 @hydra.main(version_base="1.3", config_path="config", config_name="finetune")
 def main(cfg: DictConfig) -> None:
-    run_finetune(cfg)
+    with user_errors():
+        run_finetune(cfg)
 
 
 if __name__ == "__main__":

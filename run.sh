@@ -6,9 +6,12 @@
 # once (Stage I) and decode every target domain (Stage II); fine-tune every backbone on new, sim
 # and full data of every target domain (Stage III); print the results table; draw the diagnostics,
 # mapping views and results figure (analysis/).
-# Every setting lives in config/overall.yaml; this script only chains the stages, and each stage
-# finds the previous one's output from the same settings. Extra Hydra overrides for every stage
-# can be given as arguments, e.g. `bash run.sh epochs=50`.
+#
+# Arguments are Hydra overrides. KEY=VALUE goes to every stage (each stage reads its part, and the
+# later stages find the earlier ones' outputs from the same keys): trainer.base.epochs=50,
+# trainer.finetune.epochs=50, decoder.hidden_size=64, experiment=wo_sde, ... The keys only Stage III
+# reads (model.*, model_name, train_type, new_inter_path) go to finetune.py alone. STAGE:KEY=VALUE
+# goes to one stage only (STAGE: prepare, pretrain, decoding, finetune), e.g. finetune:eval_batch_size=512.
 source "$(dirname "$0")/scripts/venv.sh"
 DATASET="${DATASET:-ACDT}"
 SEEDS="${SEEDS:-2025}"
@@ -17,33 +20,61 @@ GPU_ID="${GPU_ID:-0}"
 RUN="outputs/run.sh/$DATASET/$(date +%Y-%m-%d_%H-%M-%S)"
 join() { local IFS=,; echo "$*"; }
 
+PREPARE=() PRETRAIN=() DECODING=() FINETUNE=()
+for arg in "$@"; do
+    case "$arg" in
+        *=*) ;;
+        *) echo "run.sh: '$arg' is not a Hydra override KEY=VALUE (or STAGE:KEY=VALUE)" >&2; exit 2 ;;
+    esac
+    case "$arg" in
+        prepare:*) PREPARE+=("${arg#prepare:}") ;;
+        pretrain:*) PRETRAIN+=("${arg#pretrain:}") ;;
+        decoding:*) DECODING+=("${arg#decoding:}") ;;
+        finetune:*) FINETUNE+=("${arg#finetune:}") ;;
+        epochs=*|train_batch_size=*|learning_rate=*|weight_decay=*|stopping_step=*|eval_step=*)
+            key="${arg%%=*}"
+            echo "run.sh: '$arg' would mean another training in each stage; name the one you mean:" \
+                 "trainer.base.$key=... (Stage I, base model), trainer.expert.$key=... (experts)," \
+                 "trainer.finetune.$key=... (Stage III), or pretrain:$arg / finetune:$arg" \
+                 | sed 's/\.train_batch_size=/.batch_size=/g' >&2
+            exit 2 ;;
+        model.*|+model.*|model_name=*|train_type=*|new_inter_path=*) FINETUNE+=("$arg") ;;
+        dataset=*|dataset.*|+dataset.*|data_path=*|progress=*)
+            PREPARE+=("$arg") PRETRAIN+=("$arg") DECODING+=("$arg") FINETUNE+=("$arg") ;;
+        *) PRETRAIN+=("$arg") DECODING+=("$arg") FINETUNE+=("$arg") ;;
+    esac
+done
+
 echo "== data preparation: dataset=$DATASET"
-python -m dataset.prepare dataset="$DATASET"
+python -m dataset.prepare dataset="$DATASET" "${PREPARE[@]}"
 # Target domains: every domain of the dataset unless DOMAINS names some.
-DOMAINS="${DOMAINS:-$(python -c "from data import PreparedDataset; print(' '.join(PreparedDataset('dataset', '$DATASET').domains.names))")}"
+DOMAINS="${DOMAINS:-$(python -c "from pipeline.settings import compose; from pipeline.artifacts import open_dataset; \
+import sys; print(' '.join(open_dataset(compose('prepare', sys.argv[1:])).domains.names))" \
+    dataset="$DATASET" "${PREPARE[@]}")}"
 
 for seed in $SEEDS; do
     echo "== Stage I, pretraining: dataset=$DATASET seed=$seed"
-    python pretrain.py dataset="$DATASET" seed="$seed" gpu_id="$GPU_ID" hydra.run.dir="$RUN/pretrain/seed_$seed" "$@"
+    python pretrain.py dataset="$DATASET" seed="$seed" gpu_id="$GPU_ID" hydra.run.dir="$RUN/pretrain/seed_$seed" \
+        "${PRETRAIN[@]}"
 done
 echo "== Stage II, decoding: dataset=$DATASET seeds=$SEEDS target domains=$DOMAINS"
 python decoding.py -m dataset="$DATASET" seed="$(join $SEEDS)" gpu_id="$GPU_ID" target_dom="$(join $DOMAINS)" \
-    hydra.sweep.dir="$RUN/decoding" "$@"
+    hydra.sweep.dir="$RUN/decoding" "${DECODING[@]}"
 echo "== analysis: regeneration diagnostics (Figure 5) and mapping views (Figure 4) of every decoded domain"
-for report in "$RUN"/decoding/*/metrics.json; do
-    read -r file target seed < <(python -c "import json, sys; r = json.load(open(sys.argv[1])); \
-print(r['file'], r['target_dom'], r['file'].rsplit('/', 1)[1].split('.')[1])" "$report")
-    python -m analysis.diagnostics --dataset "$DATASET" --target "$target" --regenerated "$file" \
-        --out "$RUN/analysis/seed_$seed"
-    python -m analysis.mapping_view --dataset "$DATASET" --target "$target" --regenerated "$file" \
-        --out "$RUN/analysis/seed_$seed"
+for seed in $SEEDS; do
+    for target in $DOMAINS; do
+        for view in diagnostics mapping_view; do
+            python -m analysis."$view" --target "$target" --out "$RUN/analysis/seed_$seed" \
+                dataset="$DATASET" seed="$seed" "${DECODING[@]}"
+        done
+    done
 done
 echo "== Stage III, fine-tuning: backbones=$BACKBONES on new, sim and full data"
 python finetune.py -m dataset="$DATASET" seed="$(join $SEEDS)" gpu_id="$GPU_ID" target_dom="$(join $DOMAINS)" \
-    train_type=new,sim,full model_name="$(join $BACKBONES)" hydra.sweep.dir="$RUN/finetune" "$@"
+    train_type=new,sim,full model_name="$(join $BACKBONES)" hydra.sweep.dir="$RUN/finetune" "${FINETUNE[@]}"
 
 echo "== results (test metrics, Table 2 layout)"
 python results.py "$RUN/finetune" --out "$RUN"
 python -m analysis.results_figure "$RUN/table.csv" --out "$RUN/ndcg10.png"
-echo "Prepared data: dataset/$DATASET/ (regenerated files in dataset/$DATASET/regenerated/);"
-echo "checkpoints: checkpoint/$DATASET/; this run's logs, configs, metrics, table and figures: $RUN/"
+echo "Prepared data: dataset/$DATASET/; checkpoints: checkpoint/$DATASET/; regenerated files: regenerated/$DATASET/;"
+echo "this run's logs, configs, metrics, table and figures: $RUN/"

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
+import re
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from torch import nn
@@ -25,6 +28,8 @@ from tqdm.auto import tqdm
 from data import SequenceBatch, SequenceLoader
 from data.files import atomic_path
 from model.metrics import KS, RankingAccumulator, rank_of_target
+from data.fingerprints import check_inputs
+from pipeline.schema import ConfigError, above, at_least, check_ranges
 
 log = logging.getLogger(__name__)
 
@@ -45,35 +50,39 @@ def metric_key(name: str) -> str:
 
 @dataclass
 class TrainConfig:
-    epochs: int  # (int) maximum number of epochs
-    learning_rate: float  # (float) Adam step size
-    weight_decay: float = 0.0  # (float) Adam L2 penalty
-    stopping_step: int = 10  # (int) evaluations without improvement before stopping; 0: never stop early
-    eval_step: int = 1  # (int) evaluate every this many epochs (and after the last)
+    """One training's settings: a section `trainer.base`, `trainer.expert` or `trainer.finetune` of the
+    config (config/trainer/*.yaml), plus the evaluation protocol shared by every stage."""
+
+    epochs: int = field(metadata=at_least(1))  # (int) maximum number of epochs
+    learning_rate: float = field(metadata=above(0))  # (float) Adam step size
+    batch_size: int = field(default=128, metadata=at_least(1))  # (int) training rows per batch
+    weight_decay: float = field(default=0.0, metadata=at_least(0))  # (float) Adam L2 penalty
+    # (int) evaluations without improvement before stopping; 0: never stop early
+    stopping_step: int = field(default=10, metadata=at_least(0))
+    eval_step: int = field(default=1, metadata=at_least(1))  # (int) evaluate every this many epochs (and after the last)
+    keep: Literal["best", "last"] = "best"  # (str) weights kept at the end: best (on validation) or last
+    clip_grad_norm: float | None = field(default=None, metadata=above(0))  # (float) gradient-norm clip, None: off
+    enable_amp: bool = False  # (bool) bfloat16 autocast on CUDA; ignored on CPU
+    # The evaluation protocol: top-level keys of the config, the same for every training.
     valid_metric: str = "NDCG@10"  # (str) model-selection metric
     topk: tuple[int, ...] = KS  # (list) cut-offs of HR, NDCG and MRR
-    keep: str = "best"  # (str) weights kept at the end: best (on validation) or last
-    clip_grad_norm: float | None = None  # (float) gradient-norm clip, None: off
-    enable_amp: bool = False  # (bool) bfloat16 autocast on CUDA; ignored on CPU
+
+    # Fields of the config's trainer sections (the rest come from the top level).
+    SECTION_EXCLUDES = ("valid_metric", "topk")
 
     def __post_init__(self):
         self.topk = tuple(int(k) for k in self.topk)
-        checks = [
-            (isinstance(self.epochs, int) and self.epochs >= 0, f"epochs must be an integer >= 0, got {self.epochs}"),
-            (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
-            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (self.stopping_step >= 0, f"stopping_step must be >= 0, got {self.stopping_step}"),
-            (self.eval_step >= 1, f"eval_step must be >= 1, got {self.eval_step}"),
-            (len(self.topk) > 0 and min(self.topk) >= 1, f"topk must list positive cut-offs, got {list(self.topk)}"),
-            (self.keep in ("best", "last"), f"keep must be best or last, got {self.keep!r}"),
-            (self.clip_grad_norm is None or self.clip_grad_norm > 0, "clip_grad_norm must be > 0 or null"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        if not isinstance(self.epochs, int) or isinstance(self.epochs, bool):
+            raise ConfigError(f"config key 'epochs' must be an integer, got {self.epochs!r}")
+        check_ranges(self)
+        if self.keep not in ("best", "last"):
+            raise ConfigError(f"config key 'keep' must be best or last, got {self.keep!r}")
+        if not self.topk or min(self.topk) < 1:
+            raise ConfigError(f"config key 'topk' must list positive cut-offs, got {list(self.topk)}")
         key = metric_key(self.valid_metric)
         if int(key.split("@")[1]) not in self.topk:
-            raise ValueError(f"valid_metric {self.valid_metric} needs its cut-off in topk {list(self.topk)}")
+            raise ConfigError(f"config key 'valid_metric' ({self.valid_metric}) needs its cut-off in topk "
+                              f"{list(self.topk)}")
 
     @property
     def valid_key(self) -> str:
@@ -95,7 +104,6 @@ class FitResult:
     epochs_run: int
     best_epoch: int  # epoch (0-based) of the kept weights, -1 when kept without validation
     history: list[dict] = field(default_factory=list)
-    skipped: bool = False  # True when a finished checkpoint was found and reused
 
 
 def select_device(gpu_id: int | None = 0) -> torch.device:
@@ -162,9 +170,10 @@ def fit(
         torch.set_rng_state(saved["rng"]["cpu"])
         if torch.cuda.is_available() and saved["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
-        log.info("%sresuming from %s after epoch %d", log_prefix, resume_path, state["epoch"])
-
-    prefix = f"{log_prefix}/" if log_prefix else ""
+    prefix = f"{log_prefix}: " if log_prefix else ""
+    if resume and resume_path.is_file():
+        log.info("%sresuming from %s after epoch %d", prefix, resume_path, state["epoch"])
+    key_prefix = f"{log_prefix}/" if log_prefix else ""
     epochs = tqdm(range(state["epoch"], config.epochs), desc=f"{log_prefix or 'training'} epochs",
                   initial=state["epoch"], total=config.epochs, disable=not progress)
     for epoch in epochs:
@@ -182,8 +191,10 @@ def fit(
                 nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
             optimizer.step()
             loss_sum += loss.detach()
-        record = {"epoch": epoch, "train_loss": loss_sum.item() / max(len(train), 1),
-                  "train_seconds": time.perf_counter() - started}
+        # The history goes into the checkpoint, so it holds no timings: same data, settings and seed
+        # give a byte-identical checkpoint, and its fingerprint says whether later outputs are stale.
+        record = {"epoch": epoch, "train_loss": loss_sum.item() / max(len(train), 1)}
+        seconds = time.perf_counter() - started
 
         stop = False
         last_epoch = epoch + 1 == config.epochs
@@ -197,14 +208,14 @@ def fit(
             else:
                 state["bad_evals"] += 1
             stop = config.stopping_step > 0 and state["bad_evals"] >= config.stopping_step
-            log.info("%sepoch %d: loss %.4f, valid %s %.4f (best %.4f at epoch %d)", prefix, epoch,
-                     record["train_loss"], config.valid_key, score, state["best_score"], state["best_epoch"])
+            log.info("%sepoch %d: loss %.4f, valid %s %.4f (best %.4f at epoch %d), %.1fs", prefix, epoch,
+                     record["train_loss"], config.valid_key, score, state["best_score"], state["best_epoch"], seconds)
         else:
-            log.info("%sepoch %d: loss %.4f", prefix, epoch, record["train_loss"])
+            log.info("%sepoch %d: loss %.4f, %.1fs", prefix, epoch, record["train_loss"], seconds)
         state["history"].append(record)
         state["epoch"] = epoch + 1
         if logger is not None:
-            logger.log(_flat(record, prefix), step=None)
+            logger.log({**_flat(record, key_prefix), f"{key_prefix}train/seconds": seconds})
         _save_resume_state(resume_path, model, optimizer, state, meta)
         if stop:
             log.info("%sstopping early: no %s improvement in %d evaluations", prefix, config.valid_key,
@@ -237,27 +248,52 @@ def resume_file(checkpoint: Path) -> Path:
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        # Through a file object, torch names the archive's root `archive` rather than after the
+        # (random) temporary file: the same payload gives the same bytes.
+        torch.save(payload, f)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: corrupt, unsafe to load, or made from other data or settings."""
 
 
 def load_checkpoint(path: Path) -> dict:
-    """Load a checkpoint of this project: tensors and plain data only."""
+    """Load a checkpoint of this project: tensors and plain data only (`weights_only=True`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's own text suggests weights_only=False, i.e. running whatever code the file holds: never.
+        # Only the part naming what was refused is passed on.
+        refused = re.search(r"WeightsUnpickler error: ([^\n]*)", str(error))
+        detail = f" ({refused.group(1).strip()[:200]})" if refused else ""
+        raise CheckpointError(
+            f"{path}: unsafe checkpoint, not loaded: it holds Python objects besides tensors and plain data"
+            f"{detail}. This project only loads its own weights-only checkpoints; delete the file or train it "
+            "again with overwrite=true"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as error:
+        raise CheckpointError(
+            f"{path}: corrupt or truncated checkpoint, not loaded ({type(error).__name__}: {str(error)[:200]}); "
+            "delete it or train it again with overwrite=true"
+        ) from None
 
 
 def check_meta(saved: dict, expected: dict, path: Path) -> None:
-    """Stop with a clear message when a checkpoint belongs to another dataset, vocabulary or model.
+    """Stop with a clear message when a checkpoint belongs to other data, another vocabulary or model.
 
-    Every key of `expected` must match; keys it does not name are not checked.
+    Every key of `expected` must match; keys it does not name are not checked. `inputs` (the
+    fingerprints of the files a checkpoint was made from) is compared file by file.
     """
     # In the order `expected` lists them: the dataset first, then its vocabulary, then the model.
     for key in expected:
-        if saved.get(key) != expected.get(key):
-            raise ValueError(
+        if key == "inputs":
+            check_inputs(path, saved.get("inputs") or {}, expected["inputs"])
+        elif saved.get(key) != expected.get(key):
+            raise CheckpointError(
                 f"{path}: checkpoint {key} is {saved.get(key)!r} but this run expects {expected.get(key)!r}; "
                 "it was trained with other data or settings (use overwrite=true to train anew)"
             )

@@ -43,18 +43,18 @@ def run_variant(variant: str, target: str, model: str, dataset: str, seed: int, 
     """
     # Imported here so that `--help` and the table helpers do not load torch and RecBole.
     from decoding import run_decoding
-    from experiment import compose
+    from pipeline.settings import compose
     from finetune import run_finetune
     from pretrain import run_pretrain
 
     runs = out / "runs" / variant
     common = ([] if variant == "taesar" else [f"experiment={variant}"]) + [f"dataset={dataset}", f"seed={seed}"]
-    run_pretrain(compose("pretrain", [*common, *overrides, f"+run_dir={runs / f'pretrain-seed{seed}'}"]))
+    run_pretrain(compose("pretrain", [*common, *overrides, f"run_dir={runs / f'pretrain-seed{seed}'}"]))
     run_decoding(compose("decoding", [*common, f"target_dom={target}", *overrides,
-                                      f"+run_dir={runs / f'decoding-seed{seed}'}"]))
+                                      f"run_dir={runs / f'decoding-seed{seed}'}"]))
     return run_finetune(compose("finetune", [*common, f"target_dom={target}", f"model_name={model}",
                                              "train_type=new", *overrides,
-                                             f"+run_dir={runs / f'finetune-seed{seed}'}"]))
+                                             f"run_dir={runs / f'finetune-seed{seed}'}"]))
 
 
 def ablation_rows(runs: list[dict], target: str) -> list[dict]:

@@ -20,20 +20,18 @@ row per user). Three panels:
 Interactions are item occurrences in the rows' sequences (history + target), so
 an interaction a user's rows share is counted once per row.
 
-    python -m analysis.diagnostics --dataset ACDT --target dom4 --find --seed 2025 --out outputs/analysis
-    python -m analysis.diagnostics --dataset ACDT --target dom4 --regenerated PATH.inter --out DIR
+    python -m analysis.diagnostics --target dom4 --out results/analysis dataset=ACDT seed=2025
+    python -m analysis.diagnostics --target dom4 --out DIR --regenerated PATH.inter dataset=ACDT
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 
 from analysis import save_figure
-from data.dataset import PreparedDataset
 from data.files import SequenceRows, read_inter, write_text_atomic
 from data.paths import project_path
 
@@ -202,69 +200,57 @@ def plot_diagnostics(numbers: dict, out_png: Path, title: str | None = None) -> 
 # --------------------------------------------------------------------------- command
 
 
-def find_regenerated(data_path: Path, name: str, seed: int, target: str) -> Path:
-    """The single regenerated training file of `seed` and `target` under DATA_PATH/NAME/regenerated/taesar-*/."""
-    pattern = f"taesar-*/{name}.{seed}.{target}.train.inter"
-    root = Path(data_path) / name / "regenerated"
-    candidates = sorted(root.glob(pattern))
-    if len(candidates) != 1:
-        found = "".join(f"\n  {c}" for c in candidates) or " none"
-        raise FileNotFoundError(
-            f"--find needs exactly one {root}/{pattern}, found{found}; pass --regenerated PATH instead"
-        )
-    return candidates[0]
-
-
-def read_manifest(regenerated: Path) -> dict | None:
-    """The manifest decoding wrote beside a regenerated training file, or None when there is none."""
-    regenerated = Path(regenerated)
-    path = regenerated.with_name(regenerated.name.removesuffix(".inter") + ".manifest.json")
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
 def add_input_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments that name a dataset, a target domain and a regenerated file (shared with mapping_view)."""
-    parser.add_argument("--data-path", default="dataset", help="folder of prepared datasets (DATA_PATH)")
-    parser.add_argument("--dataset", default="ACDT", help="prepared dataset NAME")
+    """The arguments that name a target domain and a regenerated file (shared with mapping_view)."""
     parser.add_argument("--target", required=True, help="target domain, e.g. dom4")
-    which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--regenerated", type=Path, help="the regenerated training file NAME.SEED.domD.train.inter")
-    which.add_argument("--find", action="store_true",
-                       help="use the single DATA_PATH/NAME/regenerated/taesar-*/NAME.SEED.domD.train.inter")
-    parser.add_argument("--seed", type=int, default=2025, help="seed of the regenerated file, with --find")
+    parser.add_argument("--regenerated", type=Path,
+                        help="a regenerated training file; default: the one decoding.py wrote for the overrides")
     parser.add_argument("--out", type=Path, required=True, help="folder for the outputs")
+    parser.add_argument("overrides", nargs="*",
+                        help="decoding.py's Hydra overrides that name the run (dataset=ACDT seed=2025 "
+                             "trainer.base.epochs=50 experiment=wo_sde ...)")
 
 
-def resolve_inputs(args: argparse.Namespace) -> tuple[PreparedDataset, Path, dict | None]:
-    """The dataset, the regenerated file and its manifest; stops when the manifest names another dataset or domain."""
-    dataset = PreparedDataset(project_path(args.data_path), args.dataset)
-    dataset.domains.index(args.target)  # a clear error for an unknown domain
-    if args.find:
-        path = find_regenerated(project_path(args.data_path), args.dataset, args.seed, args.target)
+def resolve_inputs(args: argparse.Namespace):
+    """The dataset, the regenerated file (a `pipeline.artifacts.Regenerated`) and its manifest (None
+    when there is none): `--regenerated`, or the file decoding.py wrote for these overrides; stops
+    when the manifest names another dataset or domain."""
+    from pipeline.artifacts import Regenerated, missing_regenerated, open_dataset, regenerated
+    from pipeline.settings import compose, stage_settings
+
+    cfg = stage_settings(compose("decoding", [f"target_dom={args.target}", *args.overrides]), "dec")
+    dataset = open_dataset(cfg)
+    if args.regenerated:
+        output = Regenerated.of_file(project_path(args.regenerated))
+        if not output.inter.is_file():
+            raise FileNotFoundError(f"{output.inter}: --regenerated names no file")
     else:
-        path = project_path(args.regenerated)
-    manifest = read_manifest(path)
+        output = regenerated(cfg)
+        if not output.inter.is_file():
+            raise missing_regenerated(cfg, output, " ".join(["python decoding.py", f"target_dom={args.target}",
+                                                              *args.overrides]))
+    manifest = output.read_manifest() if output.manifest.is_file() else None
     if manifest is not None:
-        for key, expected in (("dataset", args.dataset), ("target_dom", args.target)):
+        for key, expected in (("dataset", dataset.name), ("target_dom", args.target)):
             if manifest.get(key) != expected:
-                raise ValueError(f"{path}: its manifest says {key}={manifest.get(key)!r}, not {expected!r}")
-    return dataset, path, manifest
+                raise ValueError(f"{output.inter}: its manifest says {key}={manifest.get(key)!r}, not {expected!r}")
+    return dataset, output, manifest
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m analysis.diagnostics", description=__doc__.split("\n")[0])
     add_input_arguments(parser)
     args = parser.parse_args(argv)
-    dataset, path, manifest = resolve_inputs(args)
+    dataset, output, manifest = resolve_inputs(args)
     item_range = dataset.domains.range(args.target)
     original = dataset.rows(f"{args.target}.train")
-    regenerated = read_inter(path, n_items=dataset.domains.n_items, one_row_per_user=False)
-    numbers = {"dataset": args.dataset, "target": args.target, "regenerated_file": str(path),
+    regenerated = read_inter(output.inter, n_items=dataset.domains.n_items, one_row_per_user=False)
+    numbers = {"dataset": dataset.name, "target": args.target, "regenerated_file": str(output.inter),
                "seed": manifest.get("seed") if manifest else None, **diagnose(original, regenerated, item_range)}
     out = project_path(args.out)
     write_text_atomic(out / f"diagnostics_{args.target}.json", json.dumps(numbers, indent=2) + "\n")
     png = plot_diagnostics(numbers, out / f"diagnostics_{args.target}.png",
-                           title=f"{args.dataset} {args.target}: original vs regenerated training data")
+                           title=f"{dataset.name} {args.target}: original vs regenerated training data")
     o, r = numbers["original"], numbers["regenerated"]
     shares = lambda side: "/".join(f"{side['shares'][s]:.2f}" for s in SEGMENTS)  # noqa: E731
     print(f"{args.target}: items active {o['distinct_items']} -> {r['distinct_items']} of {numbers['n_items']}; "

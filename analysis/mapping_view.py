@@ -1,7 +1,7 @@
 """Source -> target item mappings in the target expert's embedding space (the paper's Figure 4, section 5.3.2).
 
 Projects the item embeddings of the TARGET domain's expert (its checkpoint is
-named in the manifest beside the regenerated file) to 2-D and marks:
+among the inputs the manifest beside the regenerated file records) to 2-D and marks:
 all source-domain items (light blue), the source items decoding transformed
 (the keys of `mapping.json`, solid blue), their counterparts (for each chosen
 source item the target item it became most often, ties by smallest id; solid
@@ -14,7 +14,7 @@ one picture holds both domains. The JSON beside the figure gives a number the
 picture only suggests: the cosine similarity of each chosen source item to its
 counterpart, against its mean similarity to all target items.
 
-    python -m analysis.mapping_view --dataset ACDT --target dom4 --find --seed 2025 --out outputs/analysis
+    python -m analysis.mapping_view --target dom4 --out results/analysis dataset=ACDT seed=2025
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from analysis import save_figure
 from analysis.diagnostics import add_input_arguments, resolve_inputs
 from data.domains import DomainRanges
 from data.files import write_text_atomic
+from data.fingerprints import StaleArtifactError, file_digest
 from data.paths import project_path
 
 METHODS = {"pca": "PCA", "tsne": "t-SNE"}  # --method -> label
@@ -159,21 +160,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--method", choices=list(METHODS), default="pca", help="2-D projection")
     parser.add_argument("--lines", type=int, default=20, help="draw lines for this many most frequent pairs")
     args = parser.parse_args(argv)
-    dataset, path, manifest = resolve_inputs(args)
-    if manifest is None or args.target not in manifest.get("checkpoints", {}):
+    dataset, output, manifest = resolve_inputs(args)
+    path = output.inter
+    expert = (manifest or {}).get("inputs", {}).get(f"checkpoint {args.target}")
+    if expert is None:
         raise FileNotFoundError(f"{path}: no manifest beside it naming the {args.target} expert's checkpoint")
-    mapping_path = path.with_name(path.name.removesuffix(".inter") + ".mapping.json")
-    if not mapping_path.is_file():
-        raise FileNotFoundError(f"{mapping_path}: mapping not found (decoding writes it beside the training file)")
-    mapping = json.loads(mapping_path.read_text(encoding="utf-8"))
-    checkpoint = project_path(manifest["checkpoints"][args.target])
+    if not output.mapping.is_file():
+        raise FileNotFoundError(f"{output.mapping}: mapping not found (decoding writes it beside the training file)")
+    mapping = json.loads(output.mapping.read_text(encoding="utf-8"))
+    checkpoint = project_path(expert["path"])
+    if not checkpoint.is_file() or file_digest(checkpoint) != expert["sha256"]:
+        raise StaleArtifactError(f"{path}: decoded with {checkpoint}, which is gone or has changed since; decode "
+                                 "again with overwrite=true")
     embedding = load_checkpoint(checkpoint)["state_dict"]["item_emb.weight"]
     out = project_path(args.out)
     numbers = mapping_view(embedding, dataset.domains, args.target, mapping, args.method,
                            out / f"mapping_{args.target}.png", lines=args.lines,
-                           title=f"{args.dataset} {args.target}: target expert's item embeddings "
+                           title=f"{dataset.name} {args.target}: target expert's item embeddings "
                                  f"({METHODS[args.method]})")
-    numbers = {"dataset": args.dataset, "target": args.target, "regenerated_file": str(path),
+    numbers = {"dataset": dataset.name, "target": args.target, "regenerated_file": str(path),
                "checkpoint": str(checkpoint), **numbers}
     write_text_atomic(out / f"mapping_{args.target}.json", json.dumps(numbers, indent=2) + "\n")
     print(f"{args.target}: {numbers['transformed_source_items']} source items -> {numbers['counterparts']} target "

@@ -1,4 +1,4 @@
-"""A prepared dataset on disk: `DATA_PATH/NAME/` with the files of `data.md`."""
+"""A prepared dataset on disk: `DATA_PATH/NAME/` with the files of the data contract (docs/data.md)."""
 from __future__ import annotations
 
 import json
@@ -8,11 +8,12 @@ from pathlib import Path
 
 from data.domains import DomainRanges
 from data.files import DataError, SequenceRows, read_inter
+from data.fingerprints import file_digest
 
 SPLITS = ("train", "valid", "test")
 MANIFEST = "manifest.json"
-# "full.train", "dom2.test", and a regenerated training file "2025.dom1.train".
-_SPLIT = re.compile(r"^(?:(?P<seed>\d+)\.)?(?P<part>full|dom\d+)\.(?P<split>train|valid|test)$")
+# "full.train", "dom2.test", ...
+_SPLIT = re.compile(r"^(?P<part>full|dom\d+)\.(?P<split>train|valid|test)$")
 
 
 def split_names(n_domains: int) -> list[str]:
@@ -49,21 +50,33 @@ class PreparedDataset:
         return self.root / f"{self.name}.item"
 
     def path(self, split: str) -> Path:
-        """File of a split such as `full.train`, `dom1.valid` or (regenerated) `2025.dom1.train`."""
+        """File of a split such as `full.train` or `dom1.valid`."""
         match = _SPLIT.match(split)
         if not match:
-            raise ValueError(f"unknown split {split!r}: expected full.train, dom1.valid, 2025.dom1.train, ...")
+            raise ValueError(f"unknown split {split!r}: expected full.train, dom1.valid, dom2.test, ...")
         if match["part"] != "full":
             self.domains.index(match["part"])
         return self.root / f"{self.name}.{split}.inter"
 
-    def regenerated_split(self, seed: int, target_dom: str) -> str:
-        """Split name of the training file that decoding writes for `target_dom` with `seed`."""
-        return f"{seed}.{target_dom}.train"
+    def fingerprint(self, split: str) -> dict:
+        """The record of a split's file (or of `item`, the vocabulary) as an input of an artifact,
+        checked against the digest the preparation wrote into the manifest."""
+        path = self.item_path if split == "item" else self.path(split)
+        if not path.is_file():
+            raise DataError(f"{path}: file not found")
+        digest = file_digest(path)
+        recorded = (self.manifest.get("files") or {}).get(path.name)
+        if recorded != digest:
+            raise DataError(
+                f"{path}: changed after the preparation (its digest is not the one in {self.root / MANIFEST}); "
+                f"prepare it again with `python -m dataset.prepare dataset={self.name} overwrite=true`"
+            )
+        return {"path": str(path), "sha256": digest}
 
     def rows(self, split: str) -> SequenceRows:
         if split not in self._rows:
             path = self.path(split)
+            self.fingerprint(split)
             rows = read_inter(path, n_items=self.domains.n_items)
             if len(rows) == 0:
                 raise DataError(f"{path}: the split has no rows")

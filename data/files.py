@@ -1,4 +1,4 @@
-"""Reading and writing the files of the data contract (`shared/spec/data.md`).
+"""Reading and writing the files of the data contract (docs/data.md).
 
 Every `.inter` file of a prepared dataset holds one row per user,
 `user_id \t item_id_list \t item_id`, where the item list is the history and

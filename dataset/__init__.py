@@ -1,1 +1,1 @@
-"""Dataset preparation: raw per-domain atomic files -> the files of data.md."""
+"""Dataset preparation: raw per-domain atomic files -> the files of the data contract (docs/data.md)."""

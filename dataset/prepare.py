@@ -1,4 +1,4 @@
-"""Prepare a multi-domain dataset: raw per-domain atomic files -> the files of `data.md`.
+"""Prepare a multi-domain dataset: raw per-domain atomic files -> the files of the data contract (docs/data.md).
 
     python -m dataset.prepare                      # ACDT, built from RecBole's ml-100k
     python -m dataset.prepare dataset=BEST         # the four Amazon files in dataset/raw/
@@ -11,6 +11,8 @@ settings give the same bytes.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -29,11 +31,15 @@ from tqdm.auto import tqdm
 from data.dataset import MANIFEST, split_names
 from data.domains import LETTERS, domain_suffix
 from data.files import DIR_MODE, DataError, write_inter, write_item_file, write_text_atomic
+from data.fingerprints import file_digest
+from pipeline.schema import describe_differences
 from data.paths import project_path
 from dataset.preprocess import Interactions, align, build_splits, drop_duplicate_rows, sort_and_cut
 from dataset.raw import read_raw_domain
 
 log = logging.getLogger(__name__)
+# Name parts of the folders beside DATA_PATH/NAME/ that a preparation works in.
+_STAGING, _RETIRED = ".tmp-", ".old-"
 
 
 def prepare_files(
@@ -47,11 +53,13 @@ def prepare_files(
     max_seq_len: int = 128,
     progress: bool = False,
     settings: dict | None = None,
+    raw_records: list[dict] | None = None,
 ) -> dict:
-    """Run the preprocessing of data.md on `raw_files` (domain order) and write `out_dir`.
+    """Run the preprocessing of the data contract on `raw_files` (domain order) and write `out_dir`.
 
-    Returns the summary that is also saved in `out_dir/manifest.json`
-    (with `settings`, the configuration that produced it, when given).
+    Returns the summary that is also saved in `out_dir/manifest.json`, with `settings` (the
+    configuration that produced it) and the raw files' fingerprints (`raw_records`, computed
+    here when not given).
     """
     raw_files = [Path(p) for p in raw_files]
     domain_names = domain_names or [p.stem for p in raw_files]
@@ -68,6 +76,7 @@ def prepare_files(
 
     started = time.perf_counter()
     raws = [read_raw_domain(p) for p in tqdm(raw_files, desc="reading raw files", disable=not progress)]
+    raw_records = raw_records or [raw_record(p) for p in raw_files]
     for raw, dom_name in zip(raws, domain_names):
         log.info("%s: %d rows, %d users, %d items", raw.path.name, len(raw), len(raw.user_tokens), len(raw.item_tokens))
         if len(raw) == 0:
@@ -154,6 +163,7 @@ def prepare_files(
         "item_core": int(item_core),
         "max_seq_len": int(max_seq_len),
         "settings": settings,
+        "raw": raw_records,
     }
     _write_dataset(out_dir, name, item_tokens, splits, summary)
     log.info(
@@ -173,7 +183,7 @@ def _number_items(table: Interactions, raws, item_offsets) -> tuple[list[str], n
         codes = kept[(kept >= item_offsets[d]) & (kept < item_offsets[d + 1])]
         suffix = domain_suffix(d + 1)
         suffixed = np.array([t + suffix for t in raw.item_tokens.take(codes - item_offsets[d]).to_pylist()], dtype=object)
-        # Sorting the suffixed tokens (not the raw ones) is what data.md asks:
+        # Sorting the suffixed tokens (not the raw ones) is what docs/data.md asks:
         # "100_A" < "10_A" because "0" < "_".
         order = np.argsort(suffixed, kind="stable")
         item_ids[codes[order]] = len(tokens) + 1 + np.arange(len(codes))
@@ -195,16 +205,18 @@ def _write_dataset(out_dir: Path, name: str, item_tokens: list[str], splits: dic
     """Write every file into a temporary folder, then swap it in for `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{_STAGING}", dir=out_dir.parent))
     try:
         write_item_file(staging / f"{name}.item", item_tokens)
         for split, rows in splits.items():
             write_inter(staging / f"{name}.{split}.inter", rows)
+        # What later stages check their inputs against: the digest of every file written.
+        summary = {**summary, "files": {p.name: file_digest(p) for p in sorted(staging.iterdir())}}
         # The manifest comes last: its presence marks a complete dataset.
         write_text_atomic(staging / MANIFEST, json.dumps(summary, indent=2, sort_keys=True) + "\n")
         os.chmod(staging, DIR_MODE)
         if out_dir.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{_RETIRED}", dir=out_dir.parent))
             os.replace(out_dir, retired / out_dir.name)
             os.replace(staging, out_dir)
             shutil.rmtree(retired)
@@ -242,36 +254,117 @@ def raw_domain_files(dataset_cfg, progress: bool = False) -> tuple[list[Path], l
     raise DataError(f"dataset {dataset_cfg.name!r}: config key 'source' must be files, acdt or synthetic, got {source!r}")
 
 
-def prepare_dataset(dataset_cfg, data_path: str | Path, overwrite: bool = False, progress: bool = True) -> Path:
-    """Prepare the dataset a config describes, unless an identical preparation is already there."""
+def preparation_settings(dataset_cfg) -> dict:
+    """What a preparation is made from, besides the raw files' content: the dataset config without
+    `raw_dir`, so that the same raw files in another folder are the same input."""
     settings = OmegaConf.to_container(dataset_cfg, resolve=True)
+    settings.pop("raw_dir", None)
+    return settings
+
+
+def raw_record(path: Path, cached: dict | None = None) -> dict:
+    """A raw file's fingerprint. `cached` (an earlier record of the same domain) is trusted while the
+    file's size and modification time are unchanged, so a large raw file is hashed once."""
+    stat = Path(path).stat()
+    if cached and (cached.get("size"), cached.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns):
+        digest = cached["sha256"]
+    else:
+        digest = file_digest(path)
+    return {"file": Path(path).name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+
+
+def stale_reason(out_dir: Path, settings: dict, dataset_cfg) -> tuple[str | None, list[dict] | None]:
+    """Why `out_dir` is not an up-to-date preparation of these settings and raw files (None: it is),
+    and the raw files' records when they were fingerprinted."""
+    manifest_path = out_dir / MANIFEST
+    if not manifest_path.is_file():
+        return ("not prepared yet" if not out_dir.exists() else f"{manifest_path} is missing"), None
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    if manifest.get("settings") != settings:
+        return f"its settings changed ({describe_differences(manifest.get('settings') or {}, settings)})", None
+    for file, digest in (manifest.get("files") or {}).items():
+        path = out_dir / file
+        if not path.is_file() or file_digest(path) != digest:
+            return f"{path} was changed or removed after preparation", None
+    if "files" not in manifest:
+        return "it was prepared by an older version without file fingerprints", None
+    records = None
+    if dataset_cfg.source == "files":
+        # Raw files the user provides are inputs: their content decides, not their path.
+        raw_dir = project_path(dataset_cfg.raw_dir)
+        cached = manifest.get("raw") or []
+        records = []
+        for i, domain in enumerate(dataset_cfg.domains):
+            path = raw_dir / domain.file
+            if not path.is_file():
+                raise DataError(f"{path}: raw file not found")
+            records.append(raw_record(path, cached[i] if i < len(cached) else None))
+        changed = [r["file"] for r, old in zip(records, cached) if r["sha256"] != old.get("sha256")]
+        if changed or len(cached) != len(records):
+            return f"raw file(s) {', '.join(changed) or 'list'} changed since the preparation", records
+    # Generated raw files (acdt, synthetic) are a function of the settings compared above.
+    return None, records
+
+
+@contextlib.contextmanager
+def preparation_lock(out_dir: Path):
+    """Hold the dataset's lock (`DATA_PATH/.NAME.lock`) while preparing or checking it.
+
+    Two jobs that start at once (a sweep) prepare one after the other, and the second finds the
+    first one's output. Under the lock no other preparation of NAME is running, so the staging
+    folders a killed run left behind are removed here.
+    """
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.parent / f".{out_dir.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            for pattern in (_STAGING, _RETIRED):
+                for leftover in out_dir.parent.glob(f".{out_dir.name}{pattern}*"):
+                    log.info("removing %s, left by an interrupted preparation", leftover)
+                    shutil.rmtree(leftover, ignore_errors=True)
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def prepare_dataset(dataset_cfg, data_path: str | Path, overwrite: bool = False, progress: bool = True) -> Path:
+    """Prepare the dataset a config describes, unless an up-to-date preparation is already there.
+
+    Up to date: the same settings (`preparation_settings`), the prepared files as they were
+    written, and, for raw files you provide (`source: files`), the same raw content.
+    """
+    settings = preparation_settings(dataset_cfg)
     out_dir = project_path(data_path) / dataset_cfg.name
-    manifest = out_dir / MANIFEST
-    if not overwrite and manifest.is_file():
-        if json.loads(manifest.read_text(encoding="utf-8")).get("settings") == settings:
+    with preparation_lock(out_dir):
+        reason, records = ("overwrite=true", None) if overwrite else stale_reason(out_dir, settings, dataset_cfg)
+        if reason is None:
             log.info("%s is prepared and up to date (%s); pass overwrite=true to redo it", dataset_cfg.name, out_dir)
             return out_dir
-    raw_files, names = raw_domain_files(dataset_cfg, progress=progress)
-    prepare_files(
-        raw_files,
-        out_dir,
-        dataset_cfg.name,
-        domain_names=names,
-        user_core=dataset_cfg.user_core,
-        item_core=dataset_cfg.item_core,
-        max_seq_len=dataset_cfg.max_seq_len,
-        progress=progress,
-        settings=settings,
-    )
+        log.info("preparing %s into %s: %s", dataset_cfg.name, out_dir, reason)
+        raw_files, names = raw_domain_files(dataset_cfg, progress=progress)
+        prepare_files(
+            raw_files,
+            out_dir,
+            dataset_cfg.name,
+            domain_names=names,
+            user_core=dataset_cfg.user_core,
+            item_core=dataset_cfg.item_core,
+            max_seq_len=dataset_cfg.max_seq_len,
+            progress=progress,
+            settings=settings,
+            raw_records=records,
+        )
     return out_dir
 
 
 @hydra.main(version_base="1.3", config_path="../config", config_name="prepare")
 def main(cfg) -> None:
-    try:
+    from pipeline.runs import user_errors
+    from pipeline.settings import prepare_settings
+
+    with user_errors():
+        prepare_settings(cfg)
         prepare_dataset(cfg.dataset, cfg.data_path, overwrite=cfg.overwrite, progress=cfg.progress)
-    except DataError as error:
-        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The preprocessing of `data.md`, vectorised over integer codes.
+"""The preparation of docs/data.md, vectorised over integer codes.
 
 All domains live in one table with a domain column. Items of different
 domains never share a code, so a per-domain k-core is one joint fixed-point
@@ -77,7 +77,7 @@ def k_core(table: Interactions, n_users: int, n_domains: int, user_core: int, it
 def align(
     table: Interactions, n_users: int, domain_names: list[str], user_core: int, item_core: int
 ) -> Interactions:
-    """Step 2 of data.md: users in every domain, k-core per domain, until the user set is stable."""
+    """Step 2 of docs/data.md: users in every domain, k-core per domain, until the user set is stable."""
     k = len(domain_names)
     users = users_in_every_domain(table, n_users, k)
     rounds = 0
@@ -158,7 +158,7 @@ def prefix_rows(
 def build_splits(
     user_ids: np.ndarray, items: np.ndarray, item_domain: np.ndarray, n_domains: int
 ) -> dict[str, SequenceRows]:
-    """Steps 8-9 of data.md from the merged table sorted by (user id, time).
+    """Steps 8-9 of docs/data.md from the merged table sorted by (user id, time).
 
     `user_ids` and `items` are per interaction; `item_domain` is the 1-based
     domain of each interaction's item.

@@ -41,7 +41,8 @@ def read_header(path: Path) -> list[str]:
     """Field names of an atomic file's header (`user_id:token` -> `user_id`)."""
     if not path.is_file():
         raise DataError(f"{path}: raw file not found")
-    with open(path, encoding="utf-8") as f:
+    # utf-8-sig: a byte-order mark some editors write is not part of the first column's name
+    with open(path, encoding="utf-8-sig") as f:
         header = f.readline().rstrip("\r\n")
     names = [field.split(":", 1)[0] for field in header.split("\t")]
     missing = [name for name in REQUIRED if name not in names]
@@ -70,6 +71,9 @@ def read_raw_domain(path: Path) -> RawDomain:
             convert_options=pa_csv.ConvertOptions(
                 include_columns=wanted,
                 column_types={n: types[n] for n in wanted},
+                # Tokens are strings, whatever they spell: an item named NA, null or nan is an item.
+                # Only an empty field is missing (and reported as such).
+                null_values=[""],
                 strings_can_be_null=True,
             ),
             # The system allocator hands freed blocks back to the OS; pyarrow's default
@@ -80,6 +84,12 @@ def read_raw_domain(path: Path) -> RawDomain:
         _raise_first_bad_line(path, names, wanted, error)
     if any(table.column(n).null_count for n in wanted):
         _raise_first_bad_line(path, names, wanted, None)
+    for name in (n for n in (TIME, RATING) if n in wanted):
+        finite = pc.is_finite(table.column(name))
+        if len(finite) and not pc.all(finite).as_py():
+            line = int(pc.index(finite, False).as_py()) + 2
+            raise DataError(f"{path}, line {line}: {name} must be a finite number, got "
+                            f"{table.column(name)[line - 2].as_py()}")
     table = table.unify_dictionaries(pa.system_memory_pool())  # one dictionary per column across blocks
     users, user_tokens = _codes(table.column(USER))
     items, item_tokens = _codes(table.column(ITEM))

@@ -1,7 +1,7 @@
 """Synthetic multi-domain interaction logs with planted cross-domain structure.
 
 Writes one RecBole atomic file per domain (`S1.inter`, `S2.inter`, ...) in the raw
-format of `spec/data.md`, plus `correspondences.tsv`, the ground truth that says
+format of docs/data.md, plus `correspondences.tsv`, the ground truth that says
 which item of one domain "is" which item of another. Used to test the pipeline
 without downloads and to benchmark the preparation at Amazon scale.
 

@@ -9,6 +9,7 @@ backbone learns from the same next-item targets.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.resources
 
@@ -21,10 +22,11 @@ from data import SequenceBatch
 from model.decoder import DecoderConfig, TaesarDecoder
 from model.objectives import next_item_objective, target_scores
 from model.recbole_adapter import Vocabulary, recbole_config, to_interaction
+from pipeline.schema import ConfigError, from_config, unknown_key
 
 
 class SASRec(nn.Module):
-    """The Taesar decoder as the SASRec backbone (baselines.md section 6): sequence-to-sequence training."""
+    """The Taesar decoder as the SASRec backbone: sequence-to-sequence training."""
 
     last_position_only = False
 
@@ -104,17 +106,59 @@ def _number(value):
     return value
 
 
-# This project's backbones, imported when asked for.
-BACKBONES = {"SASRec": "model.backbones:SASRec", "GRU4Rec": "model.gru4rec:GRU4Rec",
-             "CL4SRec": "model.cl4srec:CL4SRec", "GCEGNN": "model.gcegnn:GCEGNN"}
+# This project's backbones, imported when asked for: the model class and the dataclass of its keys.
+BACKBONES = {"SASRec": ("model.backbones:SASRec", "model.decoder:SASRecParams"),
+             "GRU4Rec": ("model.gru4rec:GRU4Rec", "model.gru4rec:GRU4RecConfig"),
+             "CL4SRec": ("model.cl4srec:CL4SRec", "model.cl4srec:CL4SRecConfig"),
+             "GCEGNN": ("model.gcegnn:GCEGNN", "model.gcegnn:GCEGNNConfig")}
+# Keys of config/model/RecBole.yaml, the paper's uniform setting in RecBole's names.
+RECBOLE_UNIFORM = ("hidden_size", "embedding_size", "inner_size", "n_layers", "n_heads", "hidden_dropout_prob",
+                   "attn_dropout_prob", "dropout_prob")
+
+
+def _load(spec: str):
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def check_backbone_params(model_name: str, params: dict) -> None:
+    """Refuse a `model.*` key the backbone `model_name` does not read, or a value of the wrong type.
+
+    This project's backbones are checked against the dataclass of their hyperparameters; a RecBole
+    model against RecBole's own keys for it plus the uniform keys of config/model/RecBole.yaml.
+    """
+    params = dict(params)
+    name = params.pop("name", None)
+    expected = model_name if model_name in BACKBONES else "RecBole"
+    if name != expected:
+        raise ConfigError(f"config key 'model.name' is {name!r} but model_name={model_name} reads "
+                          f"config/model/{expected}.yaml (model.name={expected})")
+    if model_name in BACKBONES:
+        schema = _load(BACKBONES[model_name][1])
+        needs_items = "n_items" in {f.name for f in dataclasses.fields(schema)}
+        from_config(schema, params, "model.", exclude=("n_items", "max_len"), fixed={"n_items": 1} if needs_items else None)
+        return
+    recbole_sequential_class(model_name)
+    known = set(RECBOLE_UNIFORM) | set(recbole_defaults(model_name))
+    for key in params:
+        if key not in known:
+            raise unknown_key("model.", key, known)
+
+
+def uniform_params(model_name: str, params: dict) -> dict:
+    """The uniform keys that RecBole's `model_name` has a parameter of (RecBole's own defaults name
+    them), with every other key given; the rest of the uniform setting does not apply to that model."""
+    defaults = recbole_defaults(model_name)
+    return {k: v for k, v in params.items() if k not in RECBOLE_UNIFORM or k in defaults}
 
 
 def build_backbone(model_name: str, n_items: int, max_len: int, params: dict, n_users: int = 0,
                    device: torch.device = torch.device("cpu")) -> nn.Module:
     """This project's implementation of `model_name`, or RecBole's class of that name."""
+    check_backbone_params(model_name, params)
     params = {k: v for k, v in params.items() if k != "name"}
     if model_name in BACKBONES:
-        module, name = BACKBONES[model_name].split(":")
-        return getattr(importlib.import_module(module), name)(n_items, max_len, **params)
+        return _load(BACKBONES[model_name][0])(n_items, max_len, **params)
     # RecBole models also read the device from their config (to build tensors of their own).
-    return RecBoleModel(n_items, max_len, model_name, n_users=n_users, device=device, **params)
+    return RecBoleModel(n_items, max_len, model_name, n_users=n_users, device=device,
+                        **uniform_params(model_name, params))

@@ -1,4 +1,4 @@
-"""CL4SRec, a Stage III backbone (baselines.md §9): the SASRec encoder trained with a next-item
+"""CL4SRec, a Stage III backbone (docs/method.md, Stage III): the SASRec encoder trained with a next-item
 loss plus a contrastive loss between two augmented views of each row's history.
 
 The augmentations act on a whole batch of right-padded histories at once: every random choice
@@ -7,15 +7,16 @@ batch's views are reproducible from the seed and no Python loop runs over rows o
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from data import SequenceBatch
-from model.decoder import DecoderConfig, TaesarDecoder, gather_states
+from model.decoder import DecoderConfig, SASRecParams, TaesarDecoder, gather_states
 from model.objectives import next_item_objective, target_scores
+from pipeline.schema import above, at_least
 
 # the operators, as drawn per row; IDENTITY serves the rows too short to augment
 CROP, MASK, REORDER, IDENTITY = 0, 1, 2, 3
@@ -37,7 +38,7 @@ def crop(history: torch.Tensor, lengths: torch.Tensor, eta: float,
          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, W) right-padded histories, (B,) lengths l -> (views (B, W), view lengths (B,)).
 
-    Keeps a contiguous block of floor(eta * l) items (at least 1, baselines.md Q-G6) starting at a
+    Keeps a contiguous block of floor(eta * l) items (at least 1: RecBole-DA can crop to nothing) starting at a
     uniform offset, moved to the front.
     """
     W = history.size(1)
@@ -123,30 +124,20 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     return F.cross_entropy(similarity, partner)
 
 
-@dataclass
-class CL4SRecConfig:
+@dataclass(kw_only=True)
+class CL4SRecConfig(SASRecParams):
+    """The SASRec encoder's keys (config/model/SASRec.yaml) and the contrastive task's."""
+
     n_items: int  # N; real items have ids 1..N, 0 is padding and N + 1 the mask token
     max_len: int = 128  # longest x = history + [target]
-    # the SASRec encoder, in the names of config/model/SASRec.yaml
-    n_layers: int = 2
-    n_heads: int = 2
-    hidden_size: int = 128
-    inner_size: int = 128
-    hidden_dropout_prob: float = 0.2
-    attn_dropout_prob: float = 0.2
-    hidden_act: str = "gelu"
-    layer_norm_eps: float = 1e-12
-    initializer_range: float = 0.02
     # the contrastive task (RecBole-DA's values)
-    cl_weight: float = 0.1  # lambda: total = main + lambda * cl
-    temperature: float = 1.0  # tau of the similarity
+    cl_weight: float = field(default=0.1, metadata=at_least(0))  # lambda: total = main + lambda * cl
+    temperature: float = field(default=1.0, metadata=above(0))  # tau of the similarity
     crop: float = 0.6  # eta: share of a history a crop keeps
     mask: float = 0.3  # gamma: share of a history masked
     reorder: float = 0.6  # beta: share of a history shuffled
 
     def __post_init__(self):
-        if self.hidden_act != "gelu":
-            raise ValueError(f"the SASRec encoder uses exact GELU, got hidden_act {self.hidden_act!r}")
         for name in ("crop", "mask", "reorder"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
@@ -160,10 +151,10 @@ class CL4SRec(nn.Module):
     views of each row's history and an NT-Xent loss between their last states.
 
     NOTE: the main loss is the decoder's sequence-to-sequence next-item loss on the un-augmented
-    row (RecBole-DA: last position only, baselines.md Q-G4); the contrastive views are one pair
-    per row, not per prefix (Q-G7).
+    row (RecBole-DA trains the last position only); the contrastive views are one pair per row,
+    not per prefix.
     NOTE: empty crops are impossible (at least one item is kept) and the original sequence is
-    never masked in place (Q-G6).
+    never masked in place (RecBole-DA can crop to nothing and masks the original in place).
     NOTE: the mask token is never a candidate: scores and the loss's softmax cover real items only.
     """
 
@@ -174,7 +165,8 @@ class CL4SRec(nn.Module):
         self.config = config = CL4SRecConfig(n_items=n_items, max_len=max_len, **params)
         self.mask_id = n_items + 1
         # the encoder's vocabulary is N + 1 "items": the real ones and the mask token
-        self.encoder = TaesarDecoder(DecoderConfig.from_model_params(n_items + 1, max_len, asdict(config)))
+        encoder = {f.name: getattr(config, f.name) for f in fields(SASRecParams)}
+        self.encoder = TaesarDecoder(DecoderConfig.from_model_params(n_items + 1, max_len, encoder))
 
     def _item_range(self, item_range: tuple[int, int] | None) -> tuple[int, int]:
         lo, hi = (1, self.mask_id) if item_range is None else item_range

@@ -1,6 +1,6 @@
 """Stage II: adaptive contrastive decoding, as pure functions of the three models' logits.
 
-Symbols follow `spec/algorithm.md`. For P positions the callers pass logits over all N real items,
+Symbols follow docs/method.md (Stage II). For P positions the callers pass logits over all N real items,
 each a float tensor (P, N) whose column j is item id j + 1 (id 0 is padding and has no column):
 
     z_target  target-domain expert E_T        p_target = softmax(z_target)

@@ -1,10 +1,32 @@
 """The causal sequence decoder shared by every Taesar model (base model M and domain experts E_d)."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pipeline.schema import ConfigError, above, at_least, from_config
+
+# The feed-forward activations RecBole's SASRec offers, by its names (gelu: the exact, erf form).
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "swish": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+Activation = Literal["gelu", "relu", "swish", "tanh", "sigmoid"]
+
+
+@dataclass(kw_only=True)
+class SASRecParams:
+    """The keys of config/model/SASRec.yaml (RecBole's names), the decoder's and the SASRec backbone's."""
+
+    n_layers: int = field(default=2, metadata=at_least(1))
+    n_heads: int = field(default=2, metadata=at_least(1))
+    hidden_size: int = field(default=128, metadata=at_least(1))
+    inner_size: int = field(default=128, metadata=at_least(1))
+    hidden_dropout_prob: float = field(default=0.2, metadata=at_least(0))
+    attn_dropout_prob: float = field(default=0.2, metadata=at_least(0))
+    hidden_act: Activation = "gelu"
+    layer_norm_eps: float = field(default=1e-12, metadata=above(0))
+    initializer_range: float = field(default=0.02, metadata=above(0))
 
 
 @dataclass
@@ -19,27 +41,34 @@ class DecoderConfig:
     attn_dropout: float = 0.2
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
+    hidden_act: str = "gelu"  # feed-forward activation, a key of ACTIVATIONS
 
     # config/model/SASRec.yaml uses RecBole's names for the same hyperparameters.
     RECBOLE_NAMES = {"hidden_size": "hidden_size", "inner_size": "inner_size", "n_layers": "n_layers",
                      "n_heads": "n_heads", "hidden_dropout": "hidden_dropout_prob",
                      "attn_dropout": "attn_dropout_prob", "layer_norm_eps": "layer_norm_eps",
-                     "initializer_range": "initializer_range"}
+                     "initializer_range": "initializer_range", "hidden_act": "hidden_act"}
 
     @classmethod
-    def from_model_params(cls, n_items: int, max_len: int, params) -> "DecoderConfig":
-        """From a model config in RecBole's names (config/model/SASRec.yaml)."""
-        return cls(n_items=n_items, max_len=max_len, **{ours: params[theirs] for ours, theirs in cls.RECBOLE_NAMES.items()})
+    def from_model_params(cls, n_items: int, max_len: int, params, where: str = "model.") -> "DecoderConfig":
+        """From a model config in RecBole's names (config/model/SASRec.yaml); every key is checked,
+        and `where` names the config section in the errors (`decoder.`, `model.`)."""
+        values = {k: v for k, v in dict(params).items() if k != "name"}
+        checked = from_config(SASRecParams, values, where)
+        return cls(n_items=n_items, max_len=max_len,
+                   **{ours: getattr(checked, theirs) for ours, theirs in cls.RECBOLE_NAMES.items()})
 
     def recbole_params(self) -> dict:
         """The same hyperparameters in RecBole's names, for building RecBole's SASRec."""
-        return {theirs: getattr(self, ours) for ours, theirs in self.RECBOLE_NAMES.items()} | {"hidden_act": "gelu"}
+        return {theirs: getattr(self, ours) for ours, theirs in self.RECBOLE_NAMES.items()}
 
     def __post_init__(self):
         if self.n_items < 1:
             raise ValueError(f"n_items must be positive, got {self.n_items}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(f"hidden_act {self.hidden_act!r}: expected one of {', '.join(ACTIVATIONS)}")
         if self.hidden_size % self.n_heads != 0:
-            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of n_heads {self.n_heads}")
+            raise ConfigError(f"hidden_size {self.hidden_size} is not a multiple of n_heads {self.n_heads}")
 
 
 class Block(nn.Module):
@@ -57,6 +86,7 @@ class Block(nn.Module):
         self.ffn_out = nn.Linear(config.inner_size, H)
         self.ln_ffn = nn.LayerNorm(H, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout)
+        self.activation = ACTIVATIONS[config.hidden_act]
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         B, L, H = x.shape
@@ -73,8 +103,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.ln_attn(x + self.dropout(self.attention(x)))
-        # exact (erf) GELU, as RecBole's FeedForward.gelu
-        x = self.ln_ffn(x + self.dropout(self.ffn_out(F.gelu(self.ffn_in(x)))))
+        # gelu is the exact (erf) form, as RecBole's FeedForward.gelu
+        x = self.ln_ffn(x + self.dropout(self.ffn_out(self.activation(self.ffn_in(x)))))
         return x
 
 

@@ -1,7 +1,7 @@
-"""GCE-GNN, a Stage III backbone (baselines.md §8)."""
+"""GCE-GNN, a Stage III backbone (docs/method.md, Stage III)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data import SequenceBatch, SequenceRows
+from pipeline.schema import at_least
 
 GLOBAL_WINDOW = 4  # a target is linked to its 4 most recent history items (fixed in RecBole-GNN)
 N_EDGE_TYPES = 4  # 0 self-loop, 1 w_k -> w_{k+1}, 2 w_{k+1} -> w_k, 3 both directions
@@ -18,13 +19,14 @@ N_EDGE_TYPES = 4  # 0 self-loop, 1 w_k -> w_{k+1}, 2 w_{k+1} -> w_k, 3 both dire
 class GCEGNNConfig:
     n_items: int  # N; real items have ids 1..N and id 0 is padding
     max_len: int = 128  # rows of the reversed-position table = longest history read; older items are dropped
-    # RecBole-GNN's names; embedding 128 and global dropout 0.2 from the paper's uniform setting (Q-G2)
-    embedding_size: int = 128
-    sample_num: int = 12  # global neighbours kept per item
-    leakyrelu_alpha: float = 0.2
-    dropout_local: float = 0.0
-    dropout_gcn: float = 0.0
-    dropout_global: float = 0.2
+    # RecBole-GNN's names and defaults, but embedding 128 and global dropout 0.2: the paper's uniform
+    # setting (RecBole-GNN: 64 and 0.5)
+    embedding_size: int = field(default=128, metadata=at_least(1))
+    sample_num: int = field(default=12, metadata=at_least(1))  # global neighbours kept per item
+    leakyrelu_alpha: float = field(default=0.2, metadata=at_least(0))
+    dropout_local: float = field(default=0.0, metadata=at_least(0))
+    dropout_gcn: float = field(default=0.0, metadata=at_least(0))
+    dropout_global: float = field(default=0.2, metadata=at_least(0))
 
     def __post_init__(self):
         if self.n_items < 1:
@@ -140,11 +142,11 @@ class GCEGNN(nn.Module):
     reversed positions; scores r E^T with the input table E.
 
     Every parameter is uniform on +-1/sqrt(D), the padding row of E included; that row then never trains
-    (RecBole-GNN's `padding_idx=0`), although padded global neighbours attend to it (Q-G5).
+    (RecBole-GNN's `padding_idx=0`), although padded global neighbours attend to it.
 
     NOTE: trained on every prefix of every training row (the fine-tuning script expands them), and the
     global graph counts every prefix sample, where stock RecBole on benchmark files sees each row's last
-    target only (Q-G4).
+    target only.
     NOTE: the session graph is a dense (B, 4, n, n) type matrix per batch instead of PyG edge lists; the
     attention softmax runs over the same incoming edges (a consecutive repeat gives a node a type-3
     self-edge beside its type-0 loop, as in RecBole-GNN).
@@ -219,7 +221,7 @@ class GCEGNN(nn.Module):
         items = w[b, k]  # (V,)
         neighbour_emb = self.item_emb(self.neighbours[items])  # (V, S, D)
         kappa = self.neighbour_weights[items]  # (V, S)
-        # padded neighbours (item 0, weight 0) stay in the softmax (Q-G5)
+        # padded neighbours (item 0, weight 0) stay in the softmax, as in RecBole-GNN
         x = torch.cat([e_bar[b, None, :] * neighbour_emb, kappa[..., None]], -1)  # (V, S, D + 1)
         logit = F.leaky_relu(x @ self.U, self.config.leakyrelu_alpha) @ self.q  # (V, S, 1)
         g = (logit.softmax(1) * neighbour_emb).sum(1)  # (V, D)

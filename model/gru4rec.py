@@ -1,28 +1,31 @@
-"""GRU4Rec, a Stage III backbone (baselines.md §7)."""
+"""GRU4Rec, a Stage III backbone (docs/method.md, Stage III)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from data import SequenceBatch
 from model.objectives import next_item_objective, target_scores
+from pipeline.schema import at_least, check_ranges
 
 
 @dataclass
 class GRU4RecConfig:
     n_items: int  # N; real items have ids 1..N and id 0 is padding
     max_len: int = 128  # longest x = history + [target]; an RNN needs no bound, kept for the common interface
-    # RecBole's names; the paper's uniform configuration mapped onto an RNN (baselines.md Q-G2)
-    embedding_size: int = 128  # D: item embeddings and output states
-    hidden_size: int = 128  # D_h: GRU states
-    num_layers: int = 2
-    dropout_prob: float = 0.2  # on the input item embeddings
+    # RecBole's names; the paper's uniform configuration mapped onto an RNN: sizes 128, 2 layers,
+    # dropout 0.2 (RecBole's defaults are 64/128, 1 layer, 0.3; the paper does not say how it mapped them)
+    embedding_size: int = field(default=128, metadata=at_least(1))  # D: item embeddings and output states
+    hidden_size: int = field(default=128, metadata=at_least(1))  # D_h: GRU states
+    num_layers: int = field(default=2, metadata=at_least(1))
+    dropout_prob: float = field(default=0.2, metadata=at_least(0))  # on the input item embeddings
 
     def __post_init__(self):
         if self.n_items < 1:
             raise ValueError(f"n_items must be positive, got {self.n_items}")
+        check_ranges(self, "model.")
 
 
 class GRU4Rec(nn.Module):
@@ -34,8 +37,8 @@ class GRU4Rec(nn.Module):
     (tests/test_gru4rec.py); construction and initialisation follow RecBole's order, so the same
     seed gives the same weights.
 
-    NOTE: trained sequence-to-sequence (every position predicts the next item, block S of
-    baselines.md), where stock RecBole trains on the last position of each row only (Q-G4).
+    NOTE: trained sequence-to-sequence (every position predicts the next item), where stock RecBole
+    on benchmark files trains on the last position of each row only.
     NOTE: `encode` returns every position and `logits` scores real items only (column j is item
     lo + j); RecBole gathers the last position in `forward` and scores the padding row too.
     """

@@ -9,8 +9,8 @@ def rank_of_target(scores: torch.Tensor, target_index: torch.Tensor) -> torch.Te
     """(B, C) candidate scores, (B,) column of the target -> (B,) 0-based rank of the target.
 
     The rank counts the candidates scored strictly higher than the target: ties go in the
-    target's favour, the deterministic rule of the project's protocol (shared/spec/baselines.md,
-    section 1.3). The official code reads a top-100 list from `torch.topk`, whose order among
+    target's favour, the deterministic rule of the project's protocol (docs/method.md, Stage III).
+    The official code reads a top-100 list from `torch.topk`, whose order among
     ties is unspecified; with the float scores of a trained model ties are rare and the two agree.
     """
     target = scores.gather(1, target_index[:, None])  # (B, 1)

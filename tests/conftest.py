@@ -1,4 +1,4 @@
-"""Shared fixtures: the embedded ACDT dataset, prepared once per test session."""
+"""Shared fixtures: the embedded ACDT dataset, prepared once per test session, and tiny-run overrides."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import pytest
 from data import PreparedDataset
 from dataset.acdt import write_acdt_raw
 from dataset.prepare import prepare_files
-from experiment import compose  # noqa: F401 (tests import it from here)
+from pipeline.settings import compose  # noqa: F401 (tests import it from here)
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +22,7 @@ def acdt_dataset(acdt_raw, tmp_path_factory) -> PreparedDataset:
 
 
 def tiny_overrides(tmp_path, **generator) -> list[str]:
-    """Overrides for a small synthetic dataset and short, quiet runs, all under tmp_path."""
+    """Overrides for a small synthetic dataset and short, quiet runs, all under tmp_path; every stage takes them."""
     knobs = {"n_users": 120, "n_domains": 3, "items_per_domain": 40, "n_concepts": 24, "seq_len_min": 24,
              "seq_len_max": 40, **generator}
     return [
@@ -32,12 +32,17 @@ def tiny_overrides(tmp_path, **generator) -> list[str]:
         *(f"dataset.generator.{k}={v}" for k, v in knobs.items()),
         f"data_path={tmp_path}/data",
         f"checkpoint_dir={tmp_path}/checkpoint",
-        f"+run_dir={tmp_path}/run",
+        f"regenerated_dir={tmp_path}/regenerated",
+        f"run_dir={tmp_path}/run",
         "logger.mode=disabled",
         "progress=false",
-        "model.hidden_size=16",
-        "model.inner_size=16",
+        "decoder.hidden_size=16",
+        "decoder.inner_size=16",
         "MAX_ITEM_LIST_LENGTH=64",
-        "train_batch_size=32",
+        *(f"trainer.{t}.batch_size=32" for t in ("base", "expert", "finetune")),
         "eval_batch_size=64",
     ]
+
+
+# The SASRec backbone of Stage III at the tiny size (finetune.py only).
+TINY_MODEL = ["model.hidden_size=16", "model.inner_size=16"]

@@ -1,5 +1,5 @@
 """A plain Stage II decoder, kept only to check the fast one: a loop over every row and every
-timestep, the formulas of algorithm.md written out once more for one position at a time.
+timestep, the formulas of docs/method.md written out once more for one position at a time.
 
 Nothing here is shared with `model/contrastive.py` or `model/regeneration.py`.
 """

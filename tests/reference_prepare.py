@@ -1,6 +1,6 @@
-"""A slow, literal reading of data.md's preprocessing, kept only to check the fast one.
+"""A slow, literal reading of docs/data.md's preparation, kept only to check the fast one.
 
-Python sets, pandas and per-user lists, one step of data.md after another,
+Python sets, pandas and per-user lists, one step of docs/data.md after another,
 nothing shared with `dataset/`: the two must agree byte for byte.
 """
 from __future__ import annotations

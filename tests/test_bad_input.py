@@ -1,14 +1,17 @@
 """Bad input stops with a message naming the file, line or key, and writes nothing."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
 
 from data import DataError, DomainRanges, PreparedDataset, read_inter
+from data.fingerprints import file_digest
 from data.paths import PROJECT_ROOT
-from dataset.prepare import prepare_files
+from dataset.prepare import prepare_dataset, prepare_files
+from pipeline.settings import compose
 from tests.helpers import RAW_HEADER, write_raw
 from tests.test_prepare import DOM1, DOM2, SETTINGS
 
@@ -16,6 +19,7 @@ INTER_HEADER = "user_id:token\titem_id_list:token_seq\titem_id:token\n"
 
 
 def prepare_two(tmp_path, dom1_text: str, dom2_rows=DOM2, **settings):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     d1 = tmp_path / "D1.inter"
     d1.write_text(dom1_text, encoding="utf-8")
     d2 = write_raw(tmp_path / "D2.inter", dom2_rows)
@@ -152,7 +156,8 @@ def test_missing_contract_files(tmp_path):
 def test_empty_split_file(tmp_path):
     (tmp_path / "X").mkdir()
     (tmp_path / "X" / "X.item").write_text("1_A\n2_A\n1_B\n", encoding="utf-8")
-    write_inter_text(tmp_path / "X" / "X.dom1.test.inter", "")
+    split = write_inter_text(tmp_path / "X" / "X.dom1.test.inter", "")
+    (tmp_path / "X" / "manifest.json").write_text(json.dumps({"files": {split.name: file_digest(split)}}))
     with pytest.raises(DataError, match=r"X\.dom1\.test\.inter: the split has no rows"):
         PreparedDataset(tmp_path, "X").rows("dom1.test")
 
@@ -182,3 +187,57 @@ def test_unknown_domain_and_split_names(acdt_dataset):
         acdt_dataset.path("full.training")
     with pytest.raises(ValueError, match=r"unknown domain 'target'"):
         acdt_dataset.domains.range("target")
+
+
+# --------------------------------------------------------------------------- tokens, encodings, leftovers
+
+
+@pytest.mark.parametrize("token", ["NA", "null", "N/A", "nan", "NULL", "None", "#N/A"])
+def test_tokens_that_spell_missing_values_are_items_and_users(tmp_path, token):
+    """Tokens are strings: `NA` is an item (and a user) like any other, not a missing value."""
+    rename = {"10": token, "u10": token}
+    dom1 = [(rename.get(u, u), rename.get(i, i), r, t) for u, i, r, t in DOM1]
+    dom2 = [(rename.get(u, u), i, r, t) for u, i, r, t in DOM2]
+    plain = prepare_two(tmp_path / "plain", raw_text(DOM1), DOM2)
+    renamed = prepare_two(tmp_path / "renamed", raw_text(dom1), dom2)
+    assert (renamed["users"], renamed["items"], renamed["interactions"]) == (
+        plain["users"], plain["items"], plain["interactions"])
+    assert f"{token}_A" in (tmp_path / "renamed" / "OUT" / "OUT.item").read_text().splitlines()
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path):
+    plain = prepare_two(tmp_path / "plain", raw_text(DOM1))
+    with_bom = prepare_two(tmp_path / "bom", "\ufeff" + raw_text(DOM1))
+    assert plain["interactions"] == with_bom["interactions"]
+    for name in ("OUT.item", "OUT.full.train.inter"):
+        assert (tmp_path / "bom" / "OUT" / name).read_bytes() == (tmp_path / "plain" / "OUT" / name).read_bytes()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_timestamp_that_is_not_a_finite_number(tmp_path, value):
+    lines = raw_text(DOM1).splitlines(keepends=True)
+    lines[2] = "u10\t100\t4\t" + value + "\n"  # line 3 of the file
+    with pytest.raises(DataError, match=rf"D1\.inter, line 3: timestamp must be a finite number, got {value}"):
+        prepare_two(tmp_path, "".join(lines))
+
+
+def test_staging_folders_of_a_killed_preparation_are_removed(tmp_path):
+    """A preparation killed mid-way leaves `.NAME.tmp-*` (and `.NAME.old-*`) beside DATA_PATH/NAME;
+    the next preparation of NAME removes them, under the dataset's lock."""
+    cfg = compose("prepare", [f"data_path={tmp_path / 'data'}", f"dataset.raw_dir={tmp_path / 'raw'}"])
+    (tmp_path / "data" / ".ACDT.tmp-k1ll3d").mkdir(parents=True)
+    (tmp_path / "data" / ".ACDT.tmp-k1ll3d" / "ACDT.full.train.inter").write_text("half a file")
+    (tmp_path / "data" / ".ACDT.old-x").mkdir()
+    (tmp_path / "data" / ".OTHER.tmp-keep").mkdir()  # another dataset's: not ours to remove
+    prepare_dataset(cfg.dataset, cfg.data_path, progress=False)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [".ACDT.lock", ".OTHER.tmp-keep", "ACDT"]
+
+
+def test_stage_commands_end_with_the_message_not_a_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "pretrain.py", "seed=abc", f"hydra.run.dir={tmp_path}/run"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().endswith("error: config key 'seed' must be an integer, got 'abc'")
+    assert "Traceback" not in result.stderr

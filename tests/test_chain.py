@@ -10,13 +10,13 @@ import pytest
 
 from data.paths import PROJECT_ROOT
 from decoding import run_decoding
-from experiment import regenerated_dir, stage1_paths
 from finetune import run_finetune
+from pipeline.artifacts import regenerated, stage1_paths
 from pretrain import run_pretrain
 from results import main as results_main
-from tests.conftest import compose, tiny_overrides
+from tests.conftest import TINY_MODEL, compose, tiny_overrides
 
-STAGES = ["seed=2025", "epochs=2", "expert.epochs=1"]
+STAGES = ["seed=2025", "trainer.base.epochs=2", "trainer.expert.epochs=1", "trainer.finetune.epochs=2"]
 
 
 def test_smoke_chain_writes_every_output(tmp_path):
@@ -29,15 +29,15 @@ def test_smoke_chain_writes_every_output(tmp_path):
     for target in ("dom1", "dom2", "dom3"):
         cfg = compose("decoding", [f"target_dom={target}", *overrides])
         run_decoding(cfg)
-        for suffix in ("inter", "summary.json", "mapping.json", "manifest.json"):
-            assert (regenerated_dir(cfg) / f"TINY.2025.{target}.train.{suffix}").is_file()
+        output = regenerated(cfg)
+        for path in (output.inter, output.summary, output.mapping, output.manifest):
+            assert path.is_file() and path.name.startswith(f"TINY.2025.{target}.train.")
     runs = tmp_path / "runs"
     for target in ("dom1", "dom2", "dom3"):
         for train_type in ("new", "sim", "full"):
             run_dir = runs / f"{target}-{train_type}"
             metrics = run_finetune(compose("finetune", [f"train_type={train_type}", f"target_dom={target}",
-                                                        *[o for o in overrides if not o.startswith("+run_dir")],
-                                                        f"+run_dir={run_dir}"]))
+                                                        *overrides, *TINY_MODEL, f"run_dir={run_dir}"]))
             assert json.loads((run_dir / "metrics.json").read_text()) == metrics
             for split in ("valid", "test"):
                 assert all(0.0 <= v <= 1.0 and math.isfinite(v) for v in metrics[split].values())
@@ -51,8 +51,10 @@ def test_smoke_chain_writes_every_output(tmp_path):
 def test_run_sh_on_synthetic_data(tmp_path):
     """`bash run.sh` itself, on the small default synthetic dataset with short trainings."""
     env = {**os.environ, "DATASET": "synthetic", "DOMAINS": "dom1"}
-    result = subprocess.run(["bash", "run.sh", "epochs=2", "expert.epochs=1", "model.hidden_size=16",
-                             "model.inner_size=16", "logger.mode=disabled", "progress=false"],
+    result = subprocess.run(["bash", "run.sh", "trainer.base.epochs=2", "trainer.expert.epochs=1",
+                             "trainer.finetune.epochs=2", "decoder.hidden_size=16", "decoder.inner_size=16",
+                             "model.hidden_size=16", "model.inner_size=16", "finetune:eval_batch_size=512",
+                             "logger.mode=disabled", "progress=false"],
                             cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| dataset | model | train |" in result.stdout
@@ -60,3 +62,13 @@ def test_run_sh_on_synthetic_data(tmp_path):
     for name in ("table.md", "table.csv", "ndcg10.png", "analysis/seed_2025/diagnostics_dom1.png",
                  "analysis/seed_2025/diagnostics_dom1.json", "analysis/seed_2025/mapping_dom1.png"):
         assert (run / name).is_file(), name
+
+
+def test_run_sh_refuses_an_official_key_that_names_no_training(tmp_path):
+    """`bash run.sh epochs=50` would change Stage I and Stage III at once: it stops and says how to
+    name one (before any stage runs)."""
+    result = subprocess.run(["bash", "run.sh", "epochs=50"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2
+    assert "trainer.base.epochs=... (Stage I, base model)" in result.stderr
+    assert "trainer.finetune.epochs=... (Stage III)" in result.stderr and "== data preparation" not in result.stdout

@@ -3,6 +3,7 @@ the reports, reuse and bad input."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -10,17 +11,21 @@ import torch
 
 from data import PreparedDataset, read_inter
 from data.paths import project_path
-from decoding import decoding_rule, load_stage1, run_decoding
-from experiment import regenerated_dir, stage1_paths
+from dataset.prepare import prepare_dataset
+from decoding import load_stage1, run_decoding
+from finetune import run_finetune
 from model.contrastive import DecodingRule
 from model.regeneration import regenerate
 from pretrain import run_pretrain
+from pipeline.artifacts import decoding_inputs, regenerated, stage1_paths
+from pipeline.settings import decoding_rule
 from tests.conftest import compose, tiny_overrides
+from tests.helpers import fork_dataset
 from tests.reference_decoder import reference_regenerate
 
 HEADER = "user_id:token\titem_id_list:token_seq\titem_id:token"
 # Stage I settings key the checkpoint folders: every stage of a pipeline passes the same ones.
-TRAINING = ["seed=2025", "epochs=3", "expert.epochs=2"]
+TRAINING = ["seed=2025", "trainer.base.epochs=3", "trainer.expert.epochs=2"]
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +45,8 @@ def test_regenerated_file_follows_the_contract(trained):
     report = run_decoding(cfg)
     dataset = PreparedDataset(project_path(cfg.data_path), "TINY")
     lo, hi = dataset.domains.range("dom2")
-    folder = regenerated_dir(cfg)
-    path = folder / "TINY.2025.dom2.train.inter"
+    output = regenerated(cfg)
+    folder, path = output.folder, output.inter
     assert path.read_text().splitlines()[0] == HEADER
     rows = read_inter(path, n_items=dataset.domains.n_items, one_row_per_user=False)
     assert np.all((rows.items >= lo) & (rows.items < hi))  # target items only
@@ -50,14 +55,14 @@ def test_regenerated_file_follows_the_contract(trained):
     assert len(lines) == len(set(lines))  # no exact duplicate rows
     original = set(dataset.path("dom2.train").read_text().splitlines()[1:])
     assert original <= set(lines)  # every row of dom2.train is there
-    regenerated = [line for line in lines if line not in original]
-    assert len(regenerated) > 0 and report["rows_out"] == len(lines)
-    for line in regenerated:  # runs of one item were collapsed
+    new_rows = [line for line in lines if line not in original]
+    assert len(new_rows) > 0 and report["rows_out"] == len(lines)
+    for line in new_rows:  # runs of one item were collapsed
         items = line.replace("\t", " ").split(" ")[1:]
         assert all(a != b for a, b in zip(items, items[1:]))
 
     summary = json.loads((folder / "TINY.2025.dom2.train.summary.json").read_text())
-    assert summary == report
+    assert {**summary, "seed": 2025, "file": str(path)} == report
     for counts in summary["source_items"].values():
         assert counts["seen"] == counts["replaced"] + counts["deleted"] > 0
         assert counts["without_history"] <= counts["deleted"]
@@ -65,7 +70,11 @@ def test_regenerated_file_follows_the_contract(trained):
     assert sum(c for targets in mapping.values() for c in targets.values()) == summary["source_items_replaced"]
     assert all(lo <= int(t) < hi and not lo <= int(s) < hi for s, ts in mapping.items() for t in ts)
     manifest = json.loads((folder / "TINY.2025.dom2.train.manifest.json").read_text())
-    assert manifest["variant"] == "taesar" and manifest["checkpoints"]["dom2"].endswith("SASRec-TINY-2025.dom2.ckpt")
+    assert manifest["variant"] == "taesar"
+    assert manifest["inputs"]["checkpoint dom2"]["path"].endswith("SASRec-TINY-2025.dom2.ckpt")
+    assert set(manifest["inputs"]) == {"item", "full.train", "dom2.train", "checkpoint full",
+                                       *(f"checkpoint dom{d}" for d in (1, 2, 3))}
+    assert folder.parent == trained / "regenerated" / "TINY"  # outside the prepared data
 
     stamp = path.stat().st_mtime_ns
     assert run_decoding(cfg) == report  # reused, not decoded again
@@ -75,9 +84,9 @@ def test_regenerated_file_follows_the_contract(trained):
 def test_decoding_is_deterministic(trained, tmp_path):
     cfg = decoding_config(trained, "overwrite=true")
     run_decoding(cfg)
-    first = (regenerated_dir(cfg) / "TINY.2025.dom2.train.inter").read_bytes()
+    first = (regenerated(cfg).inter).read_bytes()
     run_decoding(cfg)
-    assert (regenerated_dir(cfg) / "TINY.2025.dom2.train.inter").read_bytes() == first
+    assert (regenerated(cfg).inter).read_bytes() == first
 
 
 RULES = {
@@ -97,7 +106,7 @@ RULES = {
 def test_fast_decoder_equals_the_plain_one(trained, name):
     cfg = decoding_config(trained)
     dataset = PreparedDataset(project_path(cfg.data_path), "TINY")
-    models, _ = load_stage1(cfg, dataset, torch.device("cpu"))
+    models = load_stage1(cfg, dataset, torch.device("cpu"))
     rows = dataset.rows("full.train").take(range(40))  # the plain decoder is slow
     experts = {d: models[f"dom{d}"] for d in range(1, dataset.domains.n_domains + 1)}
     for target in (1, 3):
@@ -115,10 +124,9 @@ def test_ablations_write_to_their_own_folders(trained):
         assert decoding_rule(cfg) != DecodingRule()
         report = run_decoding(cfg)
         assert report["variant"] == experiment
-        folders.add(regenerated_dir(cfg))
+        folders.add(regenerated(cfg).folder)
     assert len(folders) == 4
-    wo_gcs = json.loads((regenerated_dir(decoding_config(trained, "experiment=wo_gcs"))
-                         / "TINY.2025.dom2.train.summary.json").read_text())
+    wo_gcs = json.loads(regenerated(decoding_config(trained, "experiment=wo_gcs")).summary.read_text())
     # Without the global test nothing with a history is deleted.
     for counts in wo_gcs["source_items"].values():
         assert counts["deleted"] == counts["without_history"]
@@ -128,17 +136,70 @@ def test_missing_checkpoints_stop_before_writing(tmp_path):
     cfg = decoding_config(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"SASRec-TINY-2025\.full\.ckpt: Stage I checkpoint not found"):
         run_decoding(cfg)
-    assert not regenerated_dir(cfg).exists()
+    assert not regenerated(cfg).folder.exists()
+
+
+def copy_stage1(source_cfg, target_cfg) -> None:
+    source, target = stage1_paths(source_cfg), stage1_paths(target_cfg)
+    target.write_settings()
+    for role in ("full", "dom1", "dom2", "dom3"):
+        target.role(role).write_bytes(source.role(role).read_bytes())
 
 
 def test_checkpoints_of_another_vocabulary_are_refused(trained, tmp_path):
     cfg = decoding_config(tmp_path, "dataset.generator.items_per_domain=50")
-    source = stage1_paths(decoding_config(trained))
-    target = stage1_paths(cfg, write_settings=True)
-    target.base.write_bytes(source.base.read_bytes())
+    copy_stage1(decoding_config(trained), cfg)
     with pytest.raises(ValueError, match=r"checkpoint n_items is \d+ but this run expects \d+"):
         run_decoding(cfg)
-    assert not regenerated_dir(cfg).exists()
+    assert not regenerated(cfg).folder.exists()
+
+
+def test_checkpoints_trained_on_other_data_of_the_same_shape_are_refused(trained, tmp_path):
+    """Same sizes, same settings, other rows: only the fingerprints tell the checkpoints apart."""
+    fork_dataset(trained / "data" / "TINY", tmp_path / "data" / "TINY")
+    cfg = decoding_config(trained, f"data_path={tmp_path / 'data'}", f"checkpoint_dir={tmp_path / 'checkpoint'}",
+                          f"regenerated_dir={tmp_path / 'regenerated'}")
+    copy_stage1(decoding_config(trained), cfg)
+    with pytest.raises(ValueError, match=r"SASRec-TINY-2025\.full\.ckpt: made from inputs that have changed since "
+                                         r"\(full\.train was .*, is now .*tmp.*TINY\.full\.train\.inter"):
+        run_decoding(cfg)
+    assert not regenerated(cfg).folder.exists()
+
+
+def test_output_of_replaced_checkpoints_is_not_reused(trained, tmp_path):
+    """A regenerated file records the checkpoints it was decoded with: once one is replaced (here by
+    an expert trained for one epoch less), decoding refuses to call the old file decoded, and
+    finetune.py refuses to train on it; overwrite=true decodes anew."""
+    root = tmp_path / "copy"
+    shutil.copytree(trained, root)
+    cfg = decoding_config(root, "target_dom=dom3")
+    run_decoding(cfg)
+    shorter = compose("pretrain", [*TRAINING, *tiny_overrides(root), "trainer.expert.epochs=1"])
+    run_pretrain(shorter)
+    stage1_paths(cfg).expert("dom1").write_bytes(stage1_paths(shorter).expert("dom1").read_bytes())
+    stale = r"TINY\.2025\.dom3\.train\.inter: made from inputs that have changed since \(checkpoint dom1 was"
+    with pytest.raises(ValueError, match=stale):
+        run_decoding(cfg)
+    with pytest.raises(ValueError, match=stale):
+        run_finetune(compose("finetune", ["train_type=new", "target_dom=dom3", *TRAINING, *tiny_overrides(root)]))
+    run_decoding(decoding_config(root, "target_dom=dom3", "overwrite=true"))
+    regenerated(cfg).check(decoding_inputs(cfg, PreparedDataset(root / "data", "TINY"), "dom3"))
+
+
+def test_re_preparing_the_dataset_keeps_the_regenerated_files(trained, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(trained, root)
+    cfg = decoding_config(root)
+    run_decoding(cfg)
+    output = regenerated(cfg)
+    before = {p.name: p.read_bytes() for p in output.folder.iterdir()}
+    prepare_dataset(cfg.dataset, cfg.data_path, overwrite=True, progress=False)
+    other = compose("prepare", [o for o in tiny_overrides(root) if o.startswith(("dataset", "data_path"))]
+                    + ["dataset.item_core=2"])  # another preparation under the same name, and back
+    prepare_dataset(other.dataset, other.data_path, progress=False)
+    assert {p.name: p.read_bytes() for p in output.folder.iterdir()} == before
+    # back to the original settings: the same prepared bytes, so the regenerated file is current again
+    assert run_decoding(cfg)["rows_out"] == json.loads(output.summary.read_text())["rows_out"]
 
 
 def test_unknown_target_domain(trained):
@@ -146,17 +207,15 @@ def test_unknown_target_domain(trained):
         run_decoding(decoding_config(trained, "target_dom=dom7"))
 
 
-def test_empty_training_split(trained, tmp_path):
-    import shutil
-
+def test_a_changed_prepared_file_is_prepared_again(trained, tmp_path):
     cfg = decoding_config(trained)
     data = tmp_path / "data"
     shutil.copytree(project_path(cfg.data_path), data)
-    (data / "TINY" / "TINY.full.train.inter").write_text(HEADER + "\n")
-    from data import DataError
-
-    with pytest.raises(DataError, match=r"TINY\.full\.train\.inter: the split has no rows"):
-        run_decoding(decoding_config(trained, f"data_path={data}", "overwrite=true"))
+    train = data / "TINY" / "TINY.full.train.inter"
+    original = train.read_text()
+    train.write_text(HEADER + "\n")
+    run_decoding(decoding_config(trained, f"data_path={data}", f"regenerated_dir={tmp_path}/regenerated"))
+    assert train.read_text() == original
 
 
 def test_decoding_batch_size_does_not_change_which_checkpoints_are_used(trained):

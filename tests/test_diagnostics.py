@@ -165,16 +165,21 @@ def decoded(tmp_path_factory):
     from tests.conftest import compose, tiny_overrides
 
     root = tmp_path_factory.mktemp("diagnostics")
-    training = ["seed=2025", "epochs=1", "expert.epochs=1", *tiny_overrides(root)]
+    training = ["seed=2025", "trainer.base.epochs=1", "trainer.expert.epochs=1", *tiny_overrides(root)]
     run_pretrain(compose("pretrain", training))
     run_decoding(compose("decoding", ["target_dom=dom1", *training]))
     return root
 
 
+def run_overrides(root) -> list[str]:
+    """What names the decoded run: the same overrides as its stages had."""
+    from tests.conftest import tiny_overrides
+
+    return ["seed=2025", "trainer.base.epochs=1", "trainer.expert.epochs=1", *tiny_overrides(root)]
+
+
 def test_diagnostics_command(decoded, tmp_path):
-    data = str(decoded / "data")
-    numbers = diagnostics.main(["--data-path", data, "--dataset", "TINY", "--target", "dom1", "--find",
-                                "--seed", "2025", "--out", str(tmp_path)])
+    numbers = diagnostics.main(["--target", "dom1", "--out", str(tmp_path), *run_overrides(decoded)])
     png_ok(tmp_path / "diagnostics_dom1.png")
     assert json.loads((tmp_path / "diagnostics_dom1.json").read_text()) == numbers
     assert numbers["seed"] == 2025 and numbers["outside_range"] == {"original": 0, "regenerated": 0}
@@ -182,20 +187,19 @@ def test_diagnostics_command(decoded, tmp_path):
     assert numbers["regenerated"]["rows"] > numbers["original"]["rows"]
     assert numbers["regenerated"]["interactions"] > numbers["original"]["interactions"]
     # The explicit path gives the same numbers.
-    explicit = diagnostics.main(["--data-path", data, "--dataset", "TINY", "--target", "dom1", "--regenerated",
-                                 numbers["regenerated_file"], "--out", str(tmp_path / "again")])
+    explicit = diagnostics.main(["--target", "dom1", "--regenerated", numbers["regenerated_file"],
+                                 "--out", str(tmp_path / "again"), *run_overrides(decoded)])
     assert explicit == numbers
-    with pytest.raises(FileNotFoundError, match="found none"):
-        diagnostics.main(["--data-path", data, "--dataset", "TINY", "--target", "dom1", "--find", "--seed", "1",
-                          "--out", str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match=r"TINY\.1\.dom1\.train\.inter: regenerated training file not found; "
+                                                r"run `python decoding.py target_dom=dom1 .*seed=1"):
+        diagnostics.main(["--target", "dom1", "--out", str(tmp_path), *run_overrides(decoded), "seed=1"])
     with pytest.raises(ValueError, match="target_dom='dom1'"):  # the manifest names another domain
-        diagnostics.main(["--data-path", data, "--dataset", "TINY", "--target", "dom2", "--regenerated",
-                          numbers["regenerated_file"], "--out", str(tmp_path)])
+        diagnostics.main(["--target", "dom2", "--regenerated", numbers["regenerated_file"], "--out", str(tmp_path),
+                          *run_overrides(decoded)])
 
 
 def test_mapping_view_command(decoded, tmp_path):
-    numbers = mapping_command.main(["--data-path", str(decoded / "data"), "--dataset", "TINY", "--target", "dom1",
-                                 "--find", "--out", str(tmp_path)])
+    numbers = mapping_command.main(["--target", "dom1", "--out", str(tmp_path), *run_overrides(decoded)])
     png_ok(tmp_path / "mapping_dom1.png")
     assert json.loads((tmp_path / "mapping_dom1.json").read_text()) == numbers
     assert numbers["checkpoint"].endswith("SASRec-TINY-2025.dom1.ckpt")

@@ -8,12 +8,13 @@ import pytest
 from data import PreparedDataset, read_inter
 from data.paths import project_path
 from decoding import run_decoding
-from experiment import regenerated_dir
 from finetune import run_finetune, training_rows
+from pipeline.artifacts import regenerated
 from pretrain import run_pretrain
-from tests.conftest import compose, tiny_overrides
+from tests.conftest import TINY_MODEL, compose, tiny_overrides
+from tests.helpers import fork_dataset
 
-STAGE1 = ["seed=2025", "epochs=2", "expert.epochs=1"]
+STAGE1 = ["seed=2025", "trainer.base.epochs=2", "trainer.expert.epochs=1"]
 
 
 @pytest.fixture(scope="module")
@@ -26,28 +27,53 @@ def decoded(tmp_path_factory):
 
 def finetune_config(root, train_type, *extra):
     return compose("finetune", [f"train_type={train_type}", "target_dom=dom1", *STAGE1, *tiny_overrides(root),
-                                *extra])
+                                *TINY_MODEL, *extra])
 
 
 def test_each_train_type_reads_its_file(decoded):
     dataset = PreparedDataset(project_path(finetune_config(decoded, "sim").data_path), "TINY")
-    for train_type, expected in (("sim", dataset.path("dom1.train")), ("full", dataset.path("full.train"))):
-        rows, source = training_rows(finetune_config(decoded, train_type), dataset)
-        assert source == expected and len(rows) == len(dataset.rows(expected.name.split(".", 1)[1][:-6]))
+    for train_type, split in (("sim", "dom1.train"), ("full", "full.train")):
+        rows, record, source = training_rows(finetune_config(decoded, train_type), dataset)
+        assert record == dataset.fingerprint(split) and source == split and len(rows) == len(dataset.rows(split))
     cfg = finetune_config(decoded, "new")
-    rows, source = training_rows(cfg, dataset)
-    decoding_cfg = compose("decoding", ["target_dom=dom1", *STAGE1, *tiny_overrides(decoded)])
-    assert source.parent == regenerated_dir(decoding_cfg) and source.name == "TINY.2025.dom1.train.inter"
-    regenerated = read_inter(source, dataset.domains.n_items, one_row_per_user=False)
-    assert len(rows) == len(regenerated) > len(dataset.rows("dom1.train"))  # the regenerated rows are trained on
+    rows, record, source = training_rows(cfg, dataset)
+    # the exact file decoding.py wrote, computed from finetune.py's own config
+    output = regenerated(compose("decoding", ["target_dom=dom1", *STAGE1, *tiny_overrides(decoded)]))
+    assert record["path"] == str(output.inter) and source == output.folder.name
+    new_rows = read_inter(output.inter, dataset.domains.n_items, one_row_per_user=False)
+    assert len(rows) == len(new_rows) > len(dataset.rows("dom1.train"))  # the regenerated rows are trained on
     with pytest.raises(ValueError, match="config key 'train_type' is 'mixed'"):
         training_rows(finetune_config(decoded, "mixed"), dataset)
 
 
 def test_new_without_decoding_names_the_missing_file(decoded):
     cfg = finetune_config(decoded, "new", "target_dom=dom3")
-    with pytest.raises(FileNotFoundError, match=r"TINY\.2025\.dom3\.train\.inter: regenerated training file not found"):
+    with pytest.raises(FileNotFoundError, match=r"TINY\.2025\.dom3\.train\.inter: regenerated training file not found; "
+                                                r"run `python decoding.py target_dom=dom3 seed=2025` first"):
         run_finetune(cfg)
+    # decoded for other Stage I settings: the message says which key differs
+    with pytest.raises(FileNotFoundError, match=r"made with other settings \(this run's value -> theirs\): .*"
+                                                r"stage1\.base\.training\.epochs: 3 -> 2"):
+        run_finetune(finetune_config(decoded, "new", "trainer.base.epochs=3"))
+
+
+def test_the_official_keys_set_the_finetuning_alone(decoded):
+    """`epochs=1` on finetune.py is trainer.finetune.epochs: Stage II's file is still found."""
+    cfg = finetune_config(decoded, "new", "epochs=1", "train_batch_size=16", "learning_rate=1e-3")
+    assert (cfg.trainer.finetune.epochs, cfg.trainer.finetune.batch_size) == (1, 16)
+    assert cfg.trainer.base.epochs == 2 and cfg.trainer.finetune.learning_rate == 1e-3
+    assert run_finetune(cfg)["checkpoint"].endswith("SASRec-TINY-2025.tune.ckpt")
+
+
+def test_a_finished_checkpoint_of_other_training_rows_is_refused(decoded, tmp_path):
+    cfg = finetune_config(decoded, "sim", "epochs=1")
+    metrics = run_finetune(cfg)
+    assert run_finetune(cfg) == metrics  # reused
+    fork_dataset(decoded / "data" / "TINY", tmp_path / "data" / "TINY", split="dom1.train")
+    other = finetune_config(decoded, "sim", "epochs=1", f"data_path={tmp_path / 'data'}")
+    with pytest.raises(ValueError, match=r"SASRec-TINY-2025\.tune\.ckpt: made from inputs that have changed since "
+                                         r"\(train was"):
+        run_finetune(other)
 
 
 @pytest.mark.parametrize("train_type", ["sim", "new", "full"])
@@ -65,10 +91,13 @@ def test_candidates_are_the_target_domain(decoded, train_type):
 
 @pytest.mark.parametrize("model_name", ["SASRec", "GRU4Rec", "CL4SRec", "GCEGNN", "NARM", "Caser", "BERT4Rec"])
 def test_every_named_backbone_trains_one_epoch(decoded, model_name):
-    overrides = [o for o in tiny_overrides(decoded) if not o.startswith("model.")]
     small = {"GCEGNN": ["model.embedding_size=32"]}.get(model_name, ["model.hidden_size=32"])
-    cfg = compose("finetune", ["train_type=new", "target_dom=dom1", *STAGE1, *overrides, f"model_name={model_name}",
-                               "epochs=1", *small])
+    # RecBole's models learn from every prefix: short windows keep their one epoch short (and train on
+    # the single-domain rows, whose location does not depend on the window as Stage II's does)
+    window = [] if model_name in ("SASRec", "GRU4Rec", "CL4SRec", "GCEGNN") else ["train_type=sim",
+                                                                                   "MAX_ITEM_LIST_LENGTH=16"]
+    cfg = compose("finetune", ["train_type=new", "target_dom=dom1", *STAGE1, *tiny_overrides(decoded),
+                               f"model_name={model_name}", "epochs=1", *small, *window])
     metrics = run_finetune(cfg)
     assert metrics["model_name"] == model_name
     assert all(0.0 <= v <= 1.0 for v in metrics["test"].values())

@@ -1,4 +1,4 @@
-"""GCE-GNN (baselines.md §8): global graph, session graph, and the batched model against a
+"""GCE-GNN (docs/method.md, Stage III): global graph, session graph, and the batched model against a
 per-session reference written from the spec."""
 import numpy as np
 import pytest
@@ -171,7 +171,7 @@ def test_session_graph_matches_edge_lists_and_has_one_self_loop_per_node():
 
 
 def reference_session_vector(model: GCEGNN, history: list[int]) -> torch.Tensor:
-    """r for one history, written from baselines.md §8 with edge lists (evaluation mode)."""
+    """r for one history, written from the model description with edge lists (evaluation mode)."""
     E = model.item_emb.weight
     w = history[::-1][: model.config.max_len]
     nodes = sorted(set(w))
@@ -196,7 +196,7 @@ def reference_session_vector(model: GCEGNN, history: list[int]) -> torch.Tensor:
     return (eta * h).sum(0)
 
 
-@pytest.mark.parametrize("graph_rows", [40, 3])  # with 3 rows most neighbour lists are padded (Q-G5)
+@pytest.mark.parametrize("graph_rows", [40, 3])  # with 3 rows most neighbour lists are padded
 def test_batched_model_matches_the_per_session_reference(graph_rows):
     model = make_model(rows=random_rows(graph_rows, N_ITEMS, seed=1)).eval()
     assert (model.neighbours[1:] == 0).any() == (graph_rows == 3)

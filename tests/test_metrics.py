@@ -21,12 +21,12 @@ def test_rank_by_hand():
 
 def test_ties_go_in_the_targets_favour():
     scores = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0], [0.2, 0.5, 0.5, 0.5, 0.1], [0.2, 0.5, 0.5, 0.5, 0.1]])
-    # baselines.md 1.3: rank = 1 + |{v : f(v) > f(y)}| (0-based here)
+    # docs/method.md, Stage III: rank = 1 + |{v : f(v) > f(y)}| (0-based here)
     assert rank_of_target(scores, torch.tensor([3, 2, 4])).tolist() == [0, 0, 4]
 
 
 def test_invariants_of_the_protocol():
-    """baselines.md section 11: rank 1 scores 1 everywhere, rank 3 gives NDCG@5 = 0.5 and MRR@5 = 1/3,
+    """Rank 1 scores 1 everywhere, rank 3 gives NDCG@5 = 0.5 and MRR@5 = 1/3,
     rank 11 scores 0 at cut-off 10."""
     metrics = ranking_metrics(torch.tensor([0, 2, 10]), ks=(5, 10, 20))
     for k in (5, 10, 20):

@@ -8,7 +8,7 @@ from data.files import read_item_tokens
 from data.paths import project_path
 from dataset.synthetic import SyntheticConfig, planted_counterparts
 from decoding import run_decoding
-from experiment import regenerated_dir
+from pipeline.artifacts import regenerated
 from pretrain import run_pretrain
 from tests.conftest import compose, tiny_overrides
 
@@ -18,15 +18,15 @@ GENERATOR = dict(n_users=400, n_domains=3, items_per_domain=60, n_concepts=40, n
 
 
 def test_replacements_hit_the_planted_counterparts(tmp_path):
-    overrides = [*tiny_overrides(tmp_path, **GENERATOR), "model.hidden_size=32", "model.inner_size=32", "seed=1",
-                 "epochs=30", "stopping_step=3", "expert.epochs=10"]
+    overrides = [*tiny_overrides(tmp_path, **GENERATOR), "decoder.hidden_size=32", "decoder.inner_size=32", "seed=1",
+                 "trainer.base.epochs=30", "trainer.base.stopping_step=3", "trainer.expert.epochs=10"]
     run_pretrain(compose("pretrain", overrides))
     cfg = compose("decoding", ["target_dom=dom1", *overrides])
     report = run_decoding(cfg)
     dataset = PreparedDataset(project_path(cfg.data_path), "TINY")
     truth = planted_counterparts(tmp_path / "raw", read_item_tokens(dataset.item_path),
                                  SyntheticConfig(**GENERATOR), target=1)
-    mapping = json.loads((regenerated_dir(cfg) / "TINY.1.dom1.train.mapping.json").read_text())
+    mapping = json.loads(regenerated(cfg).mapping.read_text())
     hits = total = 0
     for source, targets in mapping.items():
         if int(source) in truth:

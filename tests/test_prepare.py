@@ -1,4 +1,4 @@
-"""The preparation against data.md: hand-made input with its expected files, the split rules,
+"""The preparation against docs/data.md: hand-made input with its expected files, the split rules,
 a literal reference implementation, determinism and atomic output."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from tests.helpers import read_all, write_raw
 from tests.reference_prepare import reference_prepare
 
 # Two domains, thresholds 2/2 and sequences cut to 5, chosen so that every rule
-# of data.md changes the result: an exact duplicate (u9 100 @106), an item and
+# of docs/data.md changes the result: an exact duplicate (u9 100 @106), an item and
 # then a user lost to the k-core (7, u3), a user missing from a domain (u4), a
 # second alignment round (w loses u3), timestamp ties across domains (@105,
 # @106), the cut to 5 (u10 loses x@99), the second alignment after the cut (x
@@ -49,7 +49,7 @@ DOM2 = [
     ("u5", "z", 1, 2),
     ("u5", "y", 1, 12),
 ]
-# Worked by hand from data.md. Items: 100_A=1, 10_A=2, y_B=3, z_B=4.
+# Worked by hand from docs/data.md. Items: 100_A=1, 10_A=2, y_B=3, z_B=4.
 # Users: u10=1, u5=2, u9=3; sequences u10 [2 1 3 4 2], u5 [3 4 2 1 3], u9 [3 2 1 4].
 HEADER = "user_id:token\titem_id_list:token_seq\titem_id:token\n"
 EXPECTED = {

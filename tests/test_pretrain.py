@@ -5,15 +5,15 @@ import shutil
 
 import pytest
 import torch
-from omegaconf import open_dict
 
-from experiment import decoder_config, stage1_paths
+from dataset.prepare import prepare_dataset, raw_domain_files
+from pipeline.artifacts import stage1_paths
 from pretrain import run_pretrain
 from tests.conftest import compose, tiny_overrides
 
 
 def pretrain_config(tmp_path, *extra):
-    return compose("pretrain", ["stage=run", "seed=2025", "epochs=2", "expert.epochs=2",
+    return compose("pretrain", ["stage=run", "seed=2025", "epochs=2", "trainer.expert.epochs=2",
                                 *tiny_overrides(tmp_path), *extra])
 
 
@@ -29,6 +29,9 @@ def test_tiny_pretraining_writes_every_checkpoint(tmp_path):
         assert saved["meta"]["role"] == role and saved["meta"]["dataset"] == "TINY"
         assert saved["epochs_run"] == 2
         assert 0 <= summary["valid"][role]["ndcg@10"] <= 1
+        # the fingerprints of what it was trained from
+        assert {"item", "full.train"} <= set(saved["meta"]["inputs"])
+    assert "checkpoint full" in torch.load(paths.expert("dom1"), weights_only=True)["meta"]["inputs"]
     assert (tmp_path / "run" / "metrics.json").is_file() and (tmp_path / "run" / "config.yaml").is_file()
     assert (paths.base_dir / "settings.json").is_file() and (paths.expert_dir / "settings.json").is_file()
 
@@ -41,6 +44,25 @@ def test_tiny_pretraining_writes_every_checkpoint(tmp_path):
     base = torch.load(paths.base, weights_only=True)["state_dict"]
     expert = torch.load(paths.expert("dom1"), weights_only=True)["state_dict"]
     assert not torch.equal(base["item_emb.weight"], expert["item_emb.weight"])
+
+
+def test_official_keys_set_the_base_training_and_batch_sizes_coexist(tmp_path):
+    """`epochs=`, `train_batch_size=` set trainer.base (and the experts' batch); each batch size has its
+    own checkpoints, so training with 16 leaves those of 32 as they were."""
+    cfg32 = pretrain_config(tmp_path)
+    run_pretrain(cfg32)
+    assert cfg32.trainer.base.epochs == 2 and cfg32.trainer.expert.epochs == 2 and cfg32.epochs is None
+    paths32 = stage1_paths(cfg32)
+    stamps = {p: p.stat().st_mtime_ns for p in paths32.base_dir.rglob("*.ckpt")}
+    cfg16 = pretrain_config(tmp_path, "train_batch_size=16")
+    run_pretrain(cfg16)
+    assert (cfg16.trainer.base.batch_size, cfg16.trainer.expert.batch_size) == (16, 16)
+    paths16 = stage1_paths(cfg16)
+    assert paths16.base_dir != paths32.base_dir and paths16.base.is_file()
+    assert {p: p.stat().st_mtime_ns for p in paths32.base_dir.rglob("*.ckpt")} == stamps
+    # the explicit spelling names the same folder as the official key
+    assert stage1_paths(pretrain_config(tmp_path, "trainer.base.batch_size=16", "trainer.expert.batch_size=16")
+                        ).base_dir == paths16.base_dir
 
 
 def test_ablations_get_their_own_folders_and_share_the_base_model(tmp_path):
@@ -59,30 +81,94 @@ def test_ablations_get_their_own_folders_and_share_the_base_model(tmp_path):
     assert stage1_paths(full).base.stat().st_mtime_ns == base_stamp  # M was not retrained
 
 
-def test_same_seed_same_metrics(tmp_path):
-    a = run_pretrain(pretrain_config(tmp_path / "a"))
-    b = run_pretrain(pretrain_config(tmp_path / "b"))
-    assert a["valid"] == b["valid"]
+def test_same_seed_same_bytes(tmp_path):
+    cfg = pretrain_config(tmp_path)
+    first = run_pretrain(cfg)
+    paths = stage1_paths(cfg)
+    saved = {role: paths.role(role).read_bytes() for role in ("full", "dom1")}
+    again = run_pretrain(pretrain_config(tmp_path, "overwrite=true"))
+    assert first["valid"] == again["valid"]
+    assert {role: paths.role(role).read_bytes() for role in ("full", "dom1")} == saved
 
 
 def test_checkpoint_of_another_vocabulary_is_refused(tmp_path):
     run_pretrain(pretrain_config(tmp_path / "a"))
     other = pretrain_config(tmp_path / "b", "dataset.generator.items_per_domain=50")
-    source, target = stage1_paths(pretrain_config(tmp_path / "a")).base, stage1_paths(other, write_settings=True).base
+    source, target = stage1_paths(pretrain_config(tmp_path / "a")).base, stage1_paths(other).base
+    target.parent.mkdir(parents=True)
     shutil.copy(source, target)
     with pytest.raises(ValueError, match=r"checkpoint n_items is \d+ but this run expects \d+"):
         run_pretrain(other)
+
+
+def files_overrides(tmp_path) -> list[str]:
+    """The tiny synthetic raw files, as a dataset of raw files the user provides (source: files)."""
+    raw_domain_files(compose("pretrain", tiny_overrides(tmp_path)).dataset)
+    domains = ",".join(f"{{name:S{d},file:S{d}.inter}}" for d in (1, 2, 3))
+    shared = [o for o in tiny_overrides(tmp_path) if not o.startswith(("dataset=", "dataset.generator."))]
+    return [*shared, "dataset=BEST", f"dataset.raw_dir={tmp_path}/raw", f"dataset.domains=[{domains}]"]
+
+
+def swap_first_and_last_timestamp(path) -> None:
+    """Edit a raw file in place: one user's first and last interaction change places in time, so the
+    prepared rows change and every count (users, items, interactions) stays the same."""
+    header, *lines = path.read_text().splitlines(keepends=True)
+    user = lines[0].split("\t")[0]
+    mine = [i for i, line in enumerate(lines) if line.split("\t")[0] == user]
+    first, last = (lines[i].rstrip("\n").split("\t") for i in (mine[0], mine[-1]))
+    first[3], last[3] = last[3], first[3]
+    lines[mine[0]], lines[mine[-1]] = "\t".join(first) + "\n", "\t".join(last) + "\n"
+    path.write_text(header + "".join(lines))
+
+
+def test_raw_file_edited_in_place_re_prepares_and_stale_checkpoints_are_refused(tmp_path):
+    overrides = ["stage=run", "seed=2025", "epochs=1", "trainer.expert.epochs=1", *files_overrides(tmp_path)]
+    cfg = compose("pretrain", overrides)
+    run_pretrain(cfg)
+    train = tmp_path / "data" / "TINY" / "TINY.full.train.inter"
+    before = train.read_text()
+    swap_first_and_last_timestamp(tmp_path / "raw" / "S1.inter")
+    with pytest.raises(ValueError, match=r"SASRec-TINY-2025\.full\.ckpt: made from inputs that have changed since "
+                                         r"\(full\.train was .*TINY\.full\.train\.inter with sha256 \w+, is now"):
+        run_pretrain(compose("pretrain", overrides))
+    # the edit re-prepared the data: same sizes, other rows
+    assert train.read_text() != before and len(train.read_text()) == len(before)
+    # overwrite=true replaces the stale checkpoints, and only those
+    run_pretrain(compose("pretrain", [*overrides, "overwrite=true"]))
+    run_pretrain(compose("pretrain", overrides))
+
+
+def test_moved_raw_files_are_not_prepared_again(tmp_path):
+    overrides = files_overrides(tmp_path)
+    cfg = compose("prepare", [o for o in overrides if o.startswith(("dataset", "data_path"))])
+    prepare_dataset(cfg.dataset, cfg.data_path, progress=False)
+    manifest = tmp_path / "data" / "TINY" / "manifest.json"
+    stamp = manifest.stat().st_mtime_ns
+    (tmp_path / "raw").rename(tmp_path / "moved")
+    moved = compose("prepare", [o for o in overrides if o.startswith(("dataset", "data_path"))]
+                    + [f"dataset.raw_dir={tmp_path}/moved"])
+    prepare_dataset(moved.dataset, moved.data_path, progress=False)
+    assert manifest.stat().st_mtime_ns == stamp
 
 
 @pytest.mark.parametrize(
     "override, message",
     [
         ("stage=dec", r"config key 'stage' is 'dec' but pretrain\.py runs stage=run; stage=dec is run by decoding\.py"),
-        ("epochs=-3", "epochs must be an integer >= 0"),
-        ("topk=[0,10]", "topk must list positive cut-offs"),
+        ("epochs=-3", "config key 'epochs' must be >= 1, got -3"),
+        ("epochs=0", "config key 'epochs' must be >= 1, got 0"),
+        ("trainer.expert.epochs=0", "config key 'trainer.expert.epochs' must be >= 1, got 0"),
+        ("train_batch_size=0", "config key 'train_batch_size' must be >= 1, got 0"),
+        ("seed=abc", "config key 'seed' must be an integer, got 'abc'"),
+        ("+epochz=3", r"unknown config key 'epochz'; did you mean 'epochs'\?"),
+        ("+trainer.base.patience=3", r"unknown config key 'trainer\.base\.patience'"),
+        ("decoder.hidden_act=elu", r"config key 'decoder\.hidden_act' is 'elu'; expected one of gelu, relu"),
+        ("decoder.n_heads=3", r"hidden_size 16 is not a multiple of n_heads 3"),
+        ("topk=[0,10]", "config key 'topk' must list positive cut-offs"),
         ("target_dom=dom9", r"unknown domain 'dom9': this dataset has dom1, dom2, dom3"),
         ("domains=5", "config key 'domains' is 5 but dataset TINY has 3 domains"),
-        ("expert.loss=mse", r"expert\.loss='mse'"),
+        ("expert.loss=mse", r"config key 'expert\.loss' is 'mse'; expected one of dsp, next_item"),
+        ("decoder.name=GRU4Rec", r"config key 'decoder\.name' is 'GRU4Rec': the Taesar decoder"),
     ],
 )
 def test_bad_config_stops_before_training(tmp_path, override, message):
@@ -91,15 +177,8 @@ def test_bad_config_stops_before_training(tmp_path, override, message):
     assert not (tmp_path / "checkpoint").exists() or not any((tmp_path / "checkpoint").rglob("*.ckpt"))
 
 
-def test_unknown_model_name(tmp_path):
-    cfg = pretrain_config(tmp_path)
-    with open_dict(cfg):
-        cfg.model_name = "NARM"
-    with pytest.raises(ValueError, match="unknown model_name 'NARM'"):
-        decoder_config(cfg, 10)
-
-
-def test_reusing_a_checkpoint_of_another_batch_size_is_refused(tmp_path):
-    run_pretrain(pretrain_config(tmp_path))
-    with pytest.raises(ValueError, match="checkpoint train_batch_size is 32 but this run expects 16"):
-        run_pretrain(pretrain_config(tmp_path, "train_batch_size=16"))
+def test_other_activation_is_used(tmp_path):
+    """decoder.hidden_act is read: relu gives other weights than gelu from the same seed."""
+    gelu = run_pretrain(pretrain_config(tmp_path / "gelu", "trainer.expert.epochs=1"))
+    relu = run_pretrain(pretrain_config(tmp_path / "relu", "trainer.expert.epochs=1", "decoder.hidden_act=relu"))
+    assert gelu["valid"]["full"] != relu["valid"]["full"]

@@ -1,6 +1,7 @@
 """Every config composes, and the official command lines run as Hydra multiruns."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -26,11 +27,30 @@ def test_every_dataset_composes(dataset):
         assert compose(config_name, [f"dataset={dataset}"]).dataset.name == dataset
 
 
+MODEL_NAMES = sorted(p.stem for p in (PROJECT_ROOT / "config" / "model_name").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("model_name", MODEL_NAMES)
+def test_every_backbone_config_passes_the_schema(model_name):
+    cfg = compose("finetune", ["train_type=sim", "target_dom=dom1", f"model_name={model_name}"])
+    assert cfg.model_name == model_name
+
+
+def test_every_declared_key_is_read():
+    """Each key of config/overall.yaml and of the stage configs is a field of the schema (so the schema
+    refuses what no code reads), and each schema field is in the configs."""
+    from pipeline.settings import FinetuneSettings
+
+    declared = set(compose("finetune", ["train_type=sim", "target_dom=dom1"]))
+    fields = {f.name for f in dataclasses.fields(FinetuneSettings)}
+    assert declared == fields
+
+
 def test_official_pretrain_command_as_a_multirun(tmp_path):
-    overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith("+run_dir")]
+    overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith("run_dir")]
     result = subprocess.run(
         [sys.executable, "pretrain.py", "-m", "stage=run", "gpu_id=0", "seed=2025,2026", "epochs=1",
-         "expert.epochs=1", *overrides, f"hydra.sweep.dir={tmp_path}/multirun"],
+         "trainer.expert.epochs=1", *overrides, f"hydra.sweep.dir={tmp_path}/multirun"],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -44,7 +64,8 @@ def test_official_pretrain_command_as_a_multirun(tmp_path):
 
 def test_official_decoding_command_after_pretraining(tmp_path):
     """`pretrain.py -m stage=run ...`, then the official decoding command for two target domains at once."""
-    overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith("+run_dir")] + ["epochs=1", "expert.epochs=1"]
+    overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith("run_dir")] + [
+        "trainer.base.epochs=1", "trainer.expert.epochs=1"]
     for script, args in (("pretrain.py", ["stage=run"]),
                          ("decoding.py", ["stage=dec", "target_dom=dom1,dom3", "train_batch_size=32"])):
         result = subprocess.run(
@@ -54,5 +75,18 @@ def test_official_decoding_command_after_pretraining(tmp_path):
         )
         assert result.returncode == 0, result.stderr[-3000:]
     for dom in ("dom1", "dom3"):
-        assert len(list((tmp_path / "data" / "TINY" / "regenerated").glob(f"taesar-*/TINY.2025.{dom}.train.inter"))) == 1
+        assert len(list((tmp_path / "regenerated" / "TINY").glob(f"taesar-*/TINY.2025.{dom}.train.inter"))) == 1
     assert len(list((tmp_path / "decoding.py").rglob("metrics.json"))) == 2
+    # dom2 was not decoded: finetune.py says which command makes its file, with the user's own
+    # overrides except the ones only Stage III reads
+    result = subprocess.run(
+        [sys.executable, "finetune.py", "stage=tun", "train_type=new", "target_dom=dom2", "seed=2025", "epochs=1",
+         "model.hidden_size=16", *overrides, f"hydra.run.dir={tmp_path}/finetune"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    command = result.stderr.split("run `", 1)[1].split("`", 1)[0]
+    assert command.startswith("python decoding.py target_dom=dom2 seed=2025 ")
+    tokens = command.split()
+    assert "trainer.base.epochs=1" in tokens and "dataset.name=TINY" in tokens
+    assert not any(t.startswith(("train_type=", "model.", "epochs=", "stage=")) for t in tokens)

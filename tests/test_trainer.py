@@ -1,6 +1,8 @@
 """The training loop: metric names, evaluation, checkpoints, resume and determinism."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,7 @@ import torch
 from data import SequenceLoader, SequenceRows
 from model.decoder import DecoderConfig, TaesarDecoder
 from model.objectives import next_item_objective, target_scores
-from trainer import Evaluation, TrainConfig, evaluate, fit, load_checkpoint, metric_key, resume_file
+from trainer import CheckpointError, Evaluation, TrainConfig, evaluate, fit, load_checkpoint, metric_key, resume_file
 
 N_ITEMS = 12
 
@@ -41,12 +43,14 @@ def test_metric_names():
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"epochs": -1}, "epochs must be an integer >= 0"),
-        ({"topk": (0, 10)}, "topk must list positive cut-offs"),
-        ({"topk": ()}, "topk must list positive cut-offs"),
-        ({"valid_metric": "NDCG@7"}, r"valid_metric NDCG@7 needs its cut-off in topk"),
-        ({"learning_rate": 0.0}, "learning_rate must be > 0"),
-        ({"keep": "first"}, "keep must be best or last"),
+        ({"epochs": -1}, "config key 'epochs' must be >= 1, got -1"),
+        ({"epochs": 0}, "config key 'epochs' must be >= 1, got 0"),  # would write an untrained "finished" model
+        ({"batch_size": 0}, "config key 'batch_size' must be >= 1"),
+        ({"topk": (0, 10)}, "config key 'topk' must list positive cut-offs"),
+        ({"topk": ()}, "config key 'topk' must list positive cut-offs"),
+        ({"valid_metric": "NDCG@7"}, r"config key 'valid_metric' \(NDCG@7\) needs its cut-off in topk"),
+        ({"learning_rate": 0.0}, "config key 'learning_rate' must be > 0"),
+        ({"keep": "first"}, "config key 'keep' must be best or last"),
     ],
 )
 def test_impossible_training_settings(changes, message):
@@ -88,7 +92,7 @@ def test_fit_learns_and_writes_a_weights_only_checkpoint(tmp_path):
     assert not resume_file(tmp_path / "m.ckpt").exists()
 
 
-def test_resumed_run_ends_with_the_same_weights(tmp_path):
+def test_resumed_run_ends_with_the_same_weights(tmp_path, caplog):
     config = TrainConfig(epochs=5, learning_rate=1e-2, stopping_step=0, topk=(5, 10), keep="last")
     model, train, valid = toy_setup()
     fit(model, next_item_objective(), train, config, checkpoint=tmp_path / "a.ckpt", meta={}, valid=valid,
@@ -110,8 +114,10 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path):
     torch.manual_seed(123)  # whatever the new process does to the RNG, the saved state is restored
     model_c, train_c, valid_c = toy_setup(seed=0)
     model_c.load_state_dict(TaesarDecoder(model.config).state_dict())  # fresh weights: all come from the resume state
-    result = fit(model_c, next_item_objective(), train_c, config, checkpoint=tmp_path / "b.ckpt", meta={},
-                 valid=valid_c, progress=False)
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        result = fit(model_c, next_item_objective(), train_c, config, checkpoint=tmp_path / "b.ckpt", meta={},
+                     valid=valid_c, progress=False, log_prefix="full")
+    assert f"full: resuming from {resume_file(tmp_path / 'b.ckpt')} after epoch 3" in caplog.text
     assert result.epochs_run == 5
     a, b = load_checkpoint(tmp_path / "a.ckpt"), load_checkpoint(tmp_path / "b.ckpt")
     for key in a["state_dict"]:
@@ -148,3 +154,31 @@ def test_same_seed_same_result(tmp_path):
                            meta={}, valid=valid, progress=False))
     assert results[0].valid_metrics == results[1].valid_metrics
     assert [r["train_loss"] for r in results[0].history] == [r["train_loss"] for r in results[1].history]
+
+
+def test_a_truncated_checkpoint_is_named_and_called_corrupt(tmp_path):
+    config = TrainConfig(epochs=1, learning_rate=1e-2, topk=(5, 10))
+    model, train, valid = toy_setup()
+    fit(model, next_item_objective(), train, config, checkpoint=tmp_path / "a.ckpt", meta={}, progress=False)
+    data = (tmp_path / "a.ckpt").read_bytes()
+    (tmp_path / "a.ckpt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"a\.ckpt: corrupt or truncated checkpoint, not loaded .*"
+                                              r"train it again with overwrite=true"):
+        load_checkpoint(tmp_path / "a.ckpt")
+    (tmp_path / "a.ckpt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"a\.ckpt: corrupt or truncated checkpoint"):
+        load_checkpoint(tmp_path / "a.ckpt")
+
+
+class NotPlainData:
+    pass
+
+
+def test_a_pickled_checkpoint_is_refused_as_unsafe(tmp_path):
+    torch.save({"state_dict": {}, "extra": NotPlainData()}, tmp_path / "evil.ckpt")
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(tmp_path / "evil.ckpt")
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'evil.ckpt'}: unsafe checkpoint, not loaded")
+    assert "NotPlainData" in message and "overwrite=true" in message
+    assert "weights_only=False" not in message and "weights_only" not in message

@@ -1,0 +1,96 @@
+"""What a stage run leaves in its output folder, and the run-wide state: seeds, wandb, the end of a run."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from data.files import write_text_atomic
+from data.paths import project_path
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """A command's bad input ends it with `error: MESSAGE` (the message names the file, line or key)
+    rather than a traceback; anything else is a bug and keeps its traceback."""
+    from data.files import DataError
+    from data.fingerprints import StaleArtifactError
+    from pipeline.schema import ConfigError
+    from trainer import CheckpointError
+
+    try:
+        yield
+    except (ConfigError, DataError, StaleArtifactError, CheckpointError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run_folder(cfg: DictConfig) -> Path:
+    """The output folder of this run: Hydra's, or `run_dir` (or `outputs/manual`) outside Hydra, e.g. in tests."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return project_path(cfg.run_dir or "outputs/manual")
+
+
+class RunLogger:
+    """wandb when the config asks for it (`logger.mode`: offline by default, online, disabled).
+
+    Offline runs never need a login or a network; they are written under the run's output
+    folder and can be uploaded later with `wandb sync`.
+    """
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, job: str):
+        self.run = None
+        if cfg.logger.mode == "disabled":
+            return
+        import wandb
+
+        self.run = wandb.init(
+            project=cfg.logger.project,
+            entity=cfg.logger.entity,
+            group=f"{cfg.dataset.name}-{job}",
+            name=f"{job}-{cfg.dataset.name}-{cfg.seed}",
+            dir=str(run_dir),
+            mode=cfg.logger.mode,
+            config=OmegaConf.to_container(cfg, resolve=True),
+            settings=wandb.Settings(silent=True, console="off"),
+        )
+
+    def log(self, values: dict) -> None:
+        if self.run is not None:
+            self.run.log(values)
+
+    def finish(self, summary: dict) -> None:
+        """Record the run's final numbers and close it."""
+        if self.run is not None:
+            self.run.summary.update(summary)
+            self.run.finish()
+
+
+def finish_run(cfg: DictConfig, logger: RunLogger | None, metrics: dict, summary: dict | None = None) -> dict:
+    """The end of every stage: the wandb summary (`summary`, default: the numbers of `metrics`), then
+    the resolved config and `metrics.json` in the run's output folder. Returns `metrics`."""
+    if logger is not None:
+        logger.finish(summary if summary is not None else
+                      {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    run_dir = run_folder(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    log.info("wrote %s", run_dir / "metrics.json")
+    return metrics
