@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import recbole.model.sequential_recommender  # noqa: F401  (here, once, for the line below)
 from recbole.data.interaction import Interaction
+
+# Importing RecBole's sequential models runs recbole/model/sequential_recommender/sine.py, which turns
+# on autograd anomaly detection for the whole process: every backward pass after it, of any model,
+# is several times slower. Nothing here relies on it.
+torch.autograd.set_detect_anomaly(False)
 
 from data import SequenceBatch
 

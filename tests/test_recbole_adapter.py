@@ -29,3 +29,13 @@ def test_recbole_sasrec_on_our_batches_scores_like_the_decoder():
         theirs = reference.full_sort_predict(to_interaction(batch))[:, 1:]  # column 0 is padding
         ours = target_scores()(decoder, batch)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_importing_recbole_models_leaves_anomaly_detection_off():
+    """RecBole's SINE module turns autograd anomaly detection on at import (a 2-4x slower backward for
+    every model of the process); the adapter, which every RecBole import here goes through, turns it off."""
+    import recbole.model.sequential_recommender.sine  # noqa: F401
+
+    import model.recbole_adapter  # noqa: F401
+
+    assert not torch.is_anomaly_enabled()
