@@ -111,12 +111,14 @@ def run_finetune(cfg: DictConfig) -> dict:
                     checkpoint=checkpoint, meta=meta, valid=evaluation("valid"), resume=cfg.resume, logger=logger,
                     log_prefix=f"{cfg.model_name}/{cfg.train_type}/{cfg.target_dom}", progress=cfg.progress,
                     device=device).valid_metrics
-    test = evaluate(model, evaluation("test"), training.topk, device, training.enable_amp)
+    test_ranks: dict = {}
+    test = evaluate(model, evaluation("test"), training.topk, device, training.enable_amp, ranks=test_ranks)
     log.info("test %s", " ".join(f"{k} {v:.4f}" for k, v in test.items() if k.endswith(("@10", "@20"))))
     metrics = {"stage": "finetune", "dataset": dataset.name, "model_name": cfg.model_name,
                "train_type": cfg.train_type, "target_dom": cfg.target_dom, "seed": cfg.seed,
                "variant": variant_name(cfg) if cfg.train_type == "new" else None,
-               "valid": valid, "test": test, "checkpoint": str(checkpoint)}
+               "valid": valid, "test": test, "checkpoint": str(checkpoint),
+               "test_ranks": test_ranks}  # each test user's rank: what paired comparisons resample
     return finish_run(cfg, logger, metrics, {f"test/{k}": v for k, v in test.items()})
 
 

@@ -3,7 +3,10 @@
     python results.py                          # every outputs/ and multirun/ run of finetune.py
     python results.py DIR [DIR ...] --out results/ACDT
 
-Rows: backbone and train type; columns: HR, NDCG and MRR at 10 and 20 for each
+Rows: the cross-domain comparison first, as in the paper (SASRec4, i.e. SASRec
+trained on the mixed full.train rows, then the baselines of cdsr_baseline/:
+ABXI, CGRec, SyNCRec, trained once on the mixed rows for all domains), then
+each backbone by train type; columns: HR, NDCG and MRR at 10 and 20 for each
 target domain. With several seeds a cell is `mean ± std` (sample standard
 deviation). Writes `table.md` and `table.csv` (one column per metric, mean and
 std apart) and prints the Markdown.
@@ -24,20 +27,40 @@ from data.paths import project_path
 METRICS = ("hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr@10", "mrr@20")
 HEADER = {"hr": "HR", "ndcg": "NG", "mrr": "MRR"}
 TRAIN_TYPES = ("sim", "full", "new")
+# The cross-domain comparison of Table 2, in its order: SASRec on the mixed rows, then the baselines.
+CROSS_DOMAIN = ("SASRec4", "ABXI", "CGRec", "SyNCRec")
+MIXED = "mixed"  # the train column of a cross-domain baseline: one model on full.train for all domains
 
 
 def collect(folders: list[Path]) -> list[dict]:
-    """The metrics.json of every fine-tuning run below the folders (latest run of a setting wins)."""
+    """One record per (run, target domain) of every fine-tuning and baseline run below the folders
+    (the latest run of a setting wins); a baseline's run holds every domain."""
     runs = {}
     for folder in folders:
         for path in sorted(Path(folder).rglob("metrics.json"), key=lambda p: p.stat().st_mtime):
             metrics = json.loads(path.read_text())
-            if metrics.get("stage") != "finetune":
+            if metrics.get("stage") == "finetune":
+                records = [metrics]
+            elif metrics.get("stage") == "baseline":
+                records = [{"dataset": metrics["dataset"], "model_name": metrics["model_name"], "train_type": MIXED,
+                            "target_dom": dom, "variant": None, "seed": metrics["seed"], "test": test}
+                           for dom, test in metrics["test"].items()]
+            else:
                 continue
-            key = (metrics["dataset"], metrics["model_name"], metrics["train_type"], metrics["target_dom"],
-                   metrics.get("variant"), metrics["seed"])
-            runs[key] = metrics
+            for record in records:
+                key = (record["dataset"], record["model_name"], record["train_type"], record["target_dom"],
+                       record.get("variant"), record["seed"])
+                runs[key] = record
     return list(runs.values())
+
+
+def row_label(run: dict) -> tuple[str, str]:
+    """(model, train) of a record in the table: SASRec on the mixed rows is the paper's SASRec4."""
+    if run["model_name"] == "SASRec" and run["train_type"] == "full":
+        return "SASRec4", "full"
+    if run["train_type"] == "new":
+        return run["model_name"], f"new ({run.get('variant') or 'taesar'})"
+    return run["model_name"], run["train_type"]
 
 
 def table(runs: list[dict]) -> tuple[list[str], list[list[str]], list[dict]]:
@@ -45,8 +68,7 @@ def table(runs: list[dict]) -> tuple[list[str], list[list[str]], list[dict]]:
     cells = defaultdict(list)  # (row key, domain, metric) -> values over seeds
     rows, domains = [], set()
     for run in runs:
-        train_type = run["train_type"] if run["train_type"] != "new" else f"new ({run.get('variant') or 'taesar'})"
-        row = (run["dataset"], run["model_name"], train_type)
+        row = (run["dataset"], *row_label(run))
         if row not in rows:
             rows.append(row)
         domains.add(run["target_dom"])
@@ -54,7 +76,8 @@ def table(runs: list[dict]) -> tuple[list[str], list[list[str]], list[dict]]:
             cells[row, run["target_dom"], metric].append(run["test"][metric])
     domains = sorted(domains, key=lambda d: int(d[3:]))
     order = {t: i for i, t in enumerate(TRAIN_TYPES)}
-    rows.sort(key=lambda r: (r[0], r[1], order.get(r[2].split(" ")[0], 9), r[2]))
+    cross = {m: i for i, m in enumerate(CROSS_DOMAIN)}
+    rows.sort(key=lambda r: (r[0], cross.get(r[1], len(cross)), r[1], order.get(r[2].split(" ")[0], 9), r[2]))
     header = ["dataset", "model", "train"] + [f"{d} {HEADER[m.split('@')[0]]}@{m.split('@')[1]}"
                                               for d in domains for m in METRICS]
     markdown, records = [], []
@@ -91,13 +114,15 @@ def write_tables(runs: list[dict], out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folders", nargs="*", type=Path, help="run folders to search (default: outputs/ multirun/)")
+    parser.add_argument("folders", nargs="*", type=Path,
+                        help="run folders of finetune.py and cdsr_baseline/train.py (default: outputs/ multirun/)")
     parser.add_argument("--out", type=Path, default=Path("results"), help="where table.md and table.csv go")
     args = parser.parse_args(argv)
     folders = args.folders or [project_path("outputs"), project_path("multirun")]
     runs = collect([f for f in folders if Path(f).exists()])
     if not runs:
-        raise SystemExit(f"error: no finetune.py metrics.json below {', '.join(map(str, folders))}")
+        raise SystemExit(f"error: no finetune.py or cdsr_baseline/train.py metrics.json below "
+                         f"{', '.join(map(str, folders))}")
     print(write_tables(runs, project_path(args.out)), end="")
     print(f"{len(runs)} runs -> {project_path(args.out) / 'table.md'}, table.csv")
 

@@ -2,6 +2,7 @@
 # The main job end to end (the official run.sh's chain), on the embedded ACDT dataset by default:
 #   bash run.sh
 #   DATASET=synthetic SEEDS="2025 2026" DOMAINS="dom1 dom4" BACKBONES="SASRec GRU4Rec" GPU_ID=0 bash run.sh
+#   BASELINES="ABXI CGRec SyNCRec" bash run.sh      # adds the cross-domain baselines' rows to the table
 # Sets up .venv/ on first use (pinned requirements), then: prepare the data; per seed, pretrain
 # once (Stage I) and decode every target domain (Stage II); fine-tune every backbone on new, sim
 # and full data of every target domain (Stage III); print the results table; draw the diagnostics,
@@ -11,16 +12,19 @@
 # later stages find the earlier ones' outputs from the same keys): trainer.base.epochs=50,
 # trainer.finetune.epochs=50, decoder.hidden_size=64, experiment=wo_sde, ... The keys only Stage III
 # reads (model.*, model_name, train_type, new_inter_path) go to finetune.py alone. STAGE:KEY=VALUE
-# goes to one stage only (STAGE: prepare, pretrain, decoding, finetune), e.g. finetune:eval_batch_size=512.
+# goes to one stage only (STAGE: prepare, pretrain, decoding, finetune, baseline), e.g.
+# finetune:eval_batch_size=512. The baselines (cdsr_baseline/train.py) get the dataset keys,
+# logger.*, progress and their own baseline:KEY=VALUE only.
 source "$(dirname "$0")/scripts/venv.sh"
 DATASET="${DATASET:-ACDT}"
 SEEDS="${SEEDS:-2025}"
 BACKBONES="${BACKBONES:-SASRec}"
+BASELINES="${BASELINES:-}"
 GPU_ID="${GPU_ID:-0}"
 RUN="outputs/run.sh/$DATASET/$(date +%Y-%m-%d_%H-%M-%S)"
 join() { local IFS=,; echo "$*"; }
 
-PREPARE=() PRETRAIN=() DECODING=() FINETUNE=()
+PREPARE=() PRETRAIN=() DECODING=() FINETUNE=() BASELINE=()
 for arg in "$@"; do
     case "$arg" in
         *=*) ;;
@@ -31,6 +35,7 @@ for arg in "$@"; do
         pretrain:*) PRETRAIN+=("${arg#pretrain:}") ;;
         decoding:*) DECODING+=("${arg#decoding:}") ;;
         finetune:*) FINETUNE+=("${arg#finetune:}") ;;
+        baseline:*) BASELINE+=("${arg#baseline:}") ;;
         epochs=*|train_batch_size=*|learning_rate=*|weight_decay=*|stopping_step=*|eval_step=*)
             key="${arg%%=*}"
             echo "run.sh: '$arg' would mean another training in each stage; name the one you mean:" \
@@ -40,7 +45,9 @@ for arg in "$@"; do
             exit 2 ;;
         model.*|+model.*|model_name=*|train_type=*|new_inter_path=*) FINETUNE+=("$arg") ;;
         dataset=*|dataset.*|+dataset.*|data_path=*|progress=*)
-            PREPARE+=("$arg") PRETRAIN+=("$arg") DECODING+=("$arg") FINETUNE+=("$arg") ;;
+            PREPARE+=("$arg") PRETRAIN+=("$arg") DECODING+=("$arg") FINETUNE+=("$arg") BASELINE+=("$arg") ;;
+        logger.*|checkpoint_dir=*|gpu_id=*)
+            PRETRAIN+=("$arg") DECODING+=("$arg") FINETUNE+=("$arg") BASELINE+=("$arg") ;;
         *) PRETRAIN+=("$arg") DECODING+=("$arg") FINETUNE+=("$arg") ;;
     esac
 done
@@ -73,8 +80,14 @@ echo "== Stage III, fine-tuning: backbones=$BACKBONES on new, sim and full data"
 python finetune.py -m dataset="$DATASET" seed="$(join $SEEDS)" gpu_id="$GPU_ID" target_dom="$(join $DOMAINS)" \
     train_type=new,sim,full model_name="$(join $BACKBONES)" hydra.sweep.dir="$RUN/finetune" "${FINETUNE[@]}"
 
+if [ -n "$BASELINES" ]; then
+    echo "== cross-domain baselines: $BASELINES (one model for every domain, per seed)"
+    python cdsr_baseline/train.py -m dataset="$DATASET" seed="$(join $SEEDS)" gpu_id="$GPU_ID" \
+        model="$(join $BASELINES)" hydra.sweep.dir="$RUN/baseline" "${BASELINE[@]}"
+fi
+
 echo "== results (test metrics, Table 2 layout)"
-python results.py "$RUN/finetune" --out "$RUN"
+python results.py "$RUN/finetune" $( [ -n "$BASELINES" ] && echo "$RUN/baseline" ) --out "$RUN"
 python -m analysis.results_figure "$RUN/table.csv" --out "$RUN/ndcg10.png"
 echo "Prepared data: dataset/$DATASET/; checkpoints: checkpoint/$DATASET/; regenerated files: regenerated/$DATASET/;"
 echo "this run's logs, configs, metrics, table and figures: $RUN/"

@@ -61,6 +61,8 @@ class TrainConfig:
     stopping_step: int = field(default=10, metadata=at_least(0))
     eval_step: int = field(default=1, metadata=at_least(1))  # (int) evaluate every this many epochs (and after the last)
     keep: Literal["best", "last"] = "best"  # (str) weights kept at the end: best (on validation) or last
+    # (int) epochs of linear learning-rate warm-up (from 1e-5 of the rate), without validation
+    warmup_epochs: int = field(default=0, metadata=at_least(0))
     clip_grad_norm: float | None = field(default=None, metadata=above(0))  # (float) gradient-norm clip, None: off
     enable_amp: bool = False  # (bool) bfloat16 autocast on CUDA; ignored on CPU
     # The evaluation protocol: top-level keys of the config, the same for every training.
@@ -100,10 +102,18 @@ class Evaluation:
 
 @dataclass
 class FitResult:
-    valid_metrics: dict[str, float]  # of the kept weights (empty without validation)
+    # Of the kept weights; with one Evaluation per domain (`valid` a dict), keyed by domain.
+    valid_metrics: dict
     epochs_run: int
-    best_epoch: int  # epoch (0-based) of the kept weights, -1 when kept without validation
+    best_epoch: int | dict  # epoch (0-based) of the kept weights, -1 when kept without validation
     history: list[dict] = field(default_factory=list)
+
+
+def warmup_factor(epoch: int, warmup_epochs: int) -> float:
+    """Learning-rate multiplier of epoch `epoch` (0-based): linear from 1e-5 to 1 over the warm-up."""
+    if epoch >= warmup_epochs:
+        return 1.0
+    return 1e-5 + (1 - 1e-5) * epoch / warmup_epochs
 
 
 def select_device(gpu_id: int | None = 0) -> torch.device:
@@ -116,13 +126,19 @@ def select_device(gpu_id: int | None = 0) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, evaluation: Evaluation, topk=KS, device=None, enable_amp=False, progress=False):
-    """HR, NDCG and MRR at every k of `topk`, averaged over the rows of the evaluation loader."""
+def evaluate(model: nn.Module, evaluation: Evaluation, topk=KS, device=None, enable_amp=False, progress=False,
+             ranks: dict | None = None):
+    """HR, NDCG and MRR at every k of `topk`, averaged over the rows of the evaluation loader.
+
+    `ranks`, when given, receives every row's user and 0-based rank (`{"users": [...], "ranks": [...]}`),
+    the per-user values that paired comparisons between models resample.
+    """
     device = device or next(model.parameters()).device
     lo, hi = evaluation.item_range
     was_training = model.training
     model.eval()
     accumulator = RankingAccumulator(tuple(topk))
+    users, row_ranks = [], []
     for batch in tqdm(evaluation.loader, desc="evaluating", leave=False, disable=not progress):
         batch = batch.to(device)
         targets = batch.targets
@@ -130,8 +146,15 @@ def evaluate(model: nn.Module, evaluation: Evaluation, topk=KS, device=None, ena
             raise ValueError(f"a target item lies outside the candidate items [{lo}, {hi})")
         with _autocast(device, enable_amp):
             scores = evaluation.scores(model, batch)
-        accumulator.update(rank_of_target(scores.float(), targets - lo))
+        rank = rank_of_target(scores.float(), targets - lo)
+        accumulator.update(rank)
+        if ranks is not None:
+            users.append(batch.users.cpu())
+            row_ranks.append(rank.cpu())
     model.train(was_training)
+    if ranks is not None:
+        ranks["users"] = torch.cat(users).tolist()
+        ranks["ranks"] = torch.cat(row_ranks).tolist()
     return accumulator.compute()
 
 
@@ -143,7 +166,8 @@ def fit(
     *,
     checkpoint: Path,
     meta: dict,
-    valid: Evaluation | None = None,
+    valid: Evaluation | dict[str, Evaluation] | None = None,
+    select_on: str = "each",
     resume: bool = True,
     logger=None,
     log_prefix: str = "",
@@ -156,11 +180,20 @@ def fit(
     checkpoint. With `resume`, an unfinished run's state (`checkpoint` +
     `.resume`) is picked up; a finished checkpoint is never overwritten here:
     callers decide whether to skip or redo a stage.
+
+    `valid` is one Evaluation, or one per domain for a model trained once for all domains. Then
+    `select_on="each"` keeps, for every domain, the weights of its own best epoch (training stops
+    when no domain has improved for `stopping_step` evaluations) and the checkpoint holds them by
+    domain (`domain_state_dicts`); `select_on="mean"` selects one epoch on the mean over domains.
     """
+    if select_on not in ("each", "mean"):
+        raise ConfigError(f"config key 'select_on' must be each or mean, got {select_on!r}")
     device = device or next(model.parameters()).device
     resume_path = resume_file(checkpoint)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    state = {"epoch": 0, "best_score": -math.inf, "best_epoch": -1, "bad_evals": 0, "history": [], "best": None}
+    selection = _Selection(valid, select_on, config.valid_key)
+    state = {"epoch": 0, "bad_evals": 0, "history": [], "best": selection.empty()}
+    prefix = f"{log_prefix}: " if log_prefix else ""
     if resume and resume_path.is_file():
         saved = load_checkpoint(resume_path)
         check_meta(saved["meta"], meta, resume_path)
@@ -170,8 +203,6 @@ def fit(
         torch.set_rng_state(saved["rng"]["cpu"])
         if torch.cuda.is_available() and saved["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
-    prefix = f"{log_prefix}: " if log_prefix else ""
-    if resume and resume_path.is_file():
         log.info("%sresuming from %s after epoch %d", prefix, resume_path, state["epoch"])
     key_prefix = f"{log_prefix}/" if log_prefix else ""
     epochs = tqdm(range(state["epoch"], config.epochs), desc=f"{log_prefix or 'training'} epochs",
@@ -179,6 +210,8 @@ def fit(
     for epoch in epochs:
         train.set_epoch(epoch)
         model.train()
+        for group in optimizer.param_groups:
+            group["lr"] = config.learning_rate * warmup_factor(epoch, config.warmup_epochs)
         started = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         for batch in tqdm(train, desc=f"epoch {epoch}", leave=False, disable=not progress):
@@ -198,18 +231,16 @@ def fit(
 
         stop = False
         last_epoch = epoch + 1 == config.epochs
-        if valid is not None and ((epoch + 1) % config.eval_step == 0 or last_epoch):
-            metrics = evaluate(model, valid, config.topk, device, config.enable_amp)
+        # no validation during the warm-up: its epochs neither count as bad nor are kept
+        due = (epoch + 1) % config.eval_step == 0 or last_epoch
+        if valid is not None and epoch >= config.warmup_epochs and due:
+            metrics = selection.evaluate(model, config, device)
             record["valid"] = metrics
-            score = metrics[config.valid_key]
-            if score > state["best_score"]:
-                state.update(best_score=score, best_epoch=epoch, bad_evals=0,
-                             best={"state_dict": _cpu_copy(model.state_dict()), "metrics": metrics})
-            else:
-                state["bad_evals"] += 1
+            improved = selection.update(state["best"], epoch, metrics, model)
+            state["bad_evals"] = 0 if improved else state["bad_evals"] + 1
             stop = config.stopping_step > 0 and state["bad_evals"] >= config.stopping_step
-            log.info("%sepoch %d: loss %.4f, valid %s %.4f (best %.4f at epoch %d), %.1fs", prefix, epoch,
-                     record["train_loss"], config.valid_key, score, state["best_score"], state["best_epoch"], seconds)
+            log.info("%sepoch %d: loss %.4f, valid %s, %.1fs", prefix, epoch, record["train_loss"],
+                     selection.describe(metrics, state["best"]), seconds)
         else:
             log.info("%sepoch %d: loss %.4f, %.1fs", prefix, epoch, record["train_loss"], seconds)
         state["history"].append(record)
@@ -222,22 +253,80 @@ def fit(
                      config.stopping_step)
             break
 
-    if config.keep == "best" and state["best"] is not None:
-        model.load_state_dict(state["best"]["state_dict"])
-        kept_metrics, kept_epoch = state["best"]["metrics"], state["best_epoch"]
-    else:
-        last_valid = [r["valid"] for r in state["history"] if "valid" in r]
-        kept_metrics, kept_epoch = (last_valid[-1] if last_valid else {}), state["epoch"] - 1
-    save_checkpoint(checkpoint, {
-        "state_dict": _cpu_copy(model.state_dict()),
-        "meta": meta,
-        "epochs_run": state["epoch"],
-        "best_epoch": kept_epoch,
-        "valid_metrics": kept_metrics,
-        "history": state["history"],
-    })
+    payload, kept_metrics, kept_epoch = selection.kept(state, model, config.keep)
+    save_checkpoint(checkpoint, {**payload, "meta": meta, "epochs_run": state["epoch"], "best_epoch": kept_epoch,
+                                 "valid_metrics": kept_metrics, "history": state["history"]})
     resume_path.unlink(missing_ok=True)
     return FitResult(kept_metrics, state["epoch"], kept_epoch, state["history"])
+
+
+class _Selection:
+    """Which weights `fit` keeps: the best validated epoch, overall or for each domain.
+
+    The best weights live in the trainer state (and so in the resume file) as plain tensors. Per
+    domain, epochs that are best for several domains are stored once (`states`, by epoch).
+    """
+
+    def __init__(self, valid, select_on: str, valid_key: str):
+        self.valid, self.select_on, self.valid_key = valid, select_on, valid_key
+        self.per_domain = isinstance(valid, dict) and select_on == "each"
+
+    def empty(self) -> dict:
+        if self.per_domain:
+            return {"score": {}, "epoch": {}, "metrics": {}, "states": {}}
+        return {"score": -math.inf, "epoch": -1, "metrics": {}, "state_dict": None}
+
+    def evaluate(self, model, config, device) -> dict:
+        if isinstance(self.valid, dict):
+            return {dom: evaluate(model, e, config.topk, device, config.enable_amp) for dom, e in self.valid.items()}
+        return evaluate(model, self.valid, config.topk, device, config.enable_amp)
+
+    def score(self, metrics: dict) -> float:
+        if isinstance(self.valid, dict):  # select_on=mean
+            return sum(m[self.valid_key] for m in metrics.values()) / len(metrics)
+        return metrics[self.valid_key]
+
+    def update(self, best: dict, epoch: int, metrics: dict, model) -> bool:
+        """Record this epoch where it is the best so far; returns whether anything improved."""
+        if not self.per_domain:
+            if self.score(metrics) <= best["score"]:
+                return False
+            best.update(score=self.score(metrics), epoch=epoch, metrics=metrics, state_dict=_cpu_copy(model.state_dict()))
+            return True
+        improved = [dom for dom, m in metrics.items() if m[self.valid_key] > best["score"].get(dom, -math.inf)]
+        for dom in improved:
+            best["score"][dom], best["epoch"][dom], best["metrics"][dom] = metrics[dom][self.valid_key], epoch, metrics[dom]
+        if improved:
+            best["states"][epoch] = _cpu_copy(model.state_dict())
+            # an epoch no domain keeps any more is dropped
+            best["states"] = {e: sd for e, sd in best["states"].items() if e in best["epoch"].values()}
+        return bool(improved)
+
+    def describe(self, metrics: dict, best: dict) -> str:
+        if self.per_domain:
+            return ", ".join(f"{dom} {m[self.valid_key]:.4f} (best {best['score'][dom]:.4f} at epoch "
+                             f"{best['epoch'][dom]})" for dom, m in metrics.items())
+        return f"{self.valid_key} {self.score(metrics):.4f} (best {best['score']:.4f} at epoch {best['epoch']})"
+
+    def kept(self, state: dict, model, keep: str) -> tuple[dict, dict, int | dict]:
+        """(checkpoint tensors, their validation metrics, their epoch(s)); loads the kept weights into
+        `model` when there is one set of them."""
+        best = state["best"]
+        validated = [r["valid"] for r in state["history"] if "valid" in r]
+        if self.per_domain:
+            if keep == "best" and best["epoch"]:
+                return ({"domain_state_dicts": {dom: best["states"][e] for dom, e in best["epoch"].items()}},
+                        best["metrics"], dict(best["epoch"]))
+            last = state["epoch"] - 1
+            weights = _cpu_copy(model.state_dict())
+            metrics = validated[-1] if validated else {}
+            return ({"domain_state_dicts": {dom: weights for dom in self.valid}}, metrics,
+                    {dom: last for dom in self.valid})
+        if keep == "best" and best["state_dict"] is not None:
+            model.load_state_dict(best["state_dict"])
+            return {"state_dict": _cpu_copy(model.state_dict())}, best["metrics"], best["epoch"]
+        return ({"state_dict": _cpu_copy(model.state_dict())}, validated[-1] if validated else {},
+                state["epoch"] - 1)
 
 
 # --------------------------------------------------------------------------- checkpoints

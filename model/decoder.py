@@ -72,40 +72,74 @@ class DecoderConfig:
 
 
 class Block(nn.Module):
-    """Post-LN Transformer block: x = LN(x + drop(attn(x))); x = LN(x + drop(ffn(x)))."""
+    """Post-LN Transformer block: x = LN(x + drop(attn(x))); x = LN(x + drop(ffn(x))).
 
-    def __init__(self, config: DecoderConfig):
+    The one Transformer layer of the project: the Taesar decoder's and SASRec's, and (with a
+    padding mask, or another feed-forward) the cross-domain baselines'. `ffn` replaces the
+    default feed-forward `W_2 act(W_1 x)` (ABXI uses a SwiGLU).
+    """
+
+    def __init__(self, hidden_size: int, n_heads: int, inner_size: int, hidden_dropout: float, attn_dropout: float,
+                 layer_norm_eps: float, hidden_act: str = "gelu", ffn: nn.Module | None = None):
         super().__init__()
-        H = config.hidden_size
-        self.n_heads = config.n_heads
-        self.attn_dropout = config.attn_dropout
+        H = hidden_size
+        if H % n_heads:
+            raise ConfigError(f"hidden_size {H} is not a multiple of n_heads {n_heads}")
+        self.n_heads = n_heads
+        self.attn_dropout = attn_dropout
         self.qkv = nn.Linear(H, 3 * H)
         self.attn_out = nn.Linear(H, H)
-        self.ln_attn = nn.LayerNorm(H, eps=config.layer_norm_eps)
-        self.ffn_in = nn.Linear(H, config.inner_size)
-        self.ffn_out = nn.Linear(config.inner_size, H)
-        self.ln_ffn = nn.LayerNorm(H, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout)
-        self.activation = ACTIVATIONS[config.hidden_act]
+        self.ln_attn = nn.LayerNorm(H, eps=layer_norm_eps)
+        if ffn is None:
+            self.ffn_in = nn.Linear(H, inner_size)
+            self.ffn_out = nn.Linear(inner_size, H)
+            self.activation = ACTIVATIONS[hidden_act]
+        else:
+            self.ffn = ffn
+        self.ln_ffn = nn.LayerNorm(H, eps=layer_norm_eps)
+        self.dropout = nn.Dropout(hidden_dropout)
 
-    def attention(self, x: torch.Tensor) -> torch.Tensor:
+    @classmethod
+    def of(cls, config: "DecoderConfig") -> "Block":
+        return cls(config.hidden_size, config.n_heads, config.inner_size, config.hidden_dropout, config.attn_dropout,
+                   config.layer_norm_eps, config.hidden_act)
+
+    def attention(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, L, H = x.shape
         q, k, v = self.qkv(x).split(H, dim=2)
         # (B, L, H) -> (B, nh, L, hs)
         q, k, v = (t.view(B, L, self.n_heads, H // self.n_heads).transpose(1, 2) for t in (q, k, v))
         dropout_p = self.attn_dropout if self.training else 0.0
-        # Sequences are right-padded, so under the causal mask a real position only ever sees real
-        # items: causality alone also hides the padding, and the fused kernels need no mask tensor.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+        # Without a mask, causal only: with right padding a real position only ever sees real items,
+        # so causality also hides the padding, and the fused kernels need no mask tensor. `mask` is
+        # added to the scores (B, 1, L, L): -10000 where attention is barred, as RecBole does, so a
+        # query with nothing to attend to (left padding) stays finite.
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         # (B, nh, L, hs) -> (B, L, H)
         y = y.transpose(1, 2).contiguous().view(B, L, H)
         return self.attn_out(y)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.ln_attn(x + self.dropout(self.attention(x)))
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "ffn"):
+            return self.ffn(x)
         # gelu is the exact (erf) form, as RecBole's FeedForward.gelu
-        x = self.ln_ffn(x + self.dropout(self.ffn_out(self.activation(self.ffn_in(x)))))
-        return x
+        return self.ffn_out(self.activation(self.ffn_in(x)))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.ln_attn(x + self.dropout(self.attention(x, mask)))
+        return self.ln_ffn(x + self.dropout(self.feed_forward(x)))
+
+
+def attention_mask(keep: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool of the real positions -> (B, 1, L, L) additive mask: causal, padded keys barred
+    (-10000, RecBole's value)."""
+    L = keep.size(1)
+    causal = torch.ones(L, L, dtype=torch.bool, device=keep.device).tril()
+    allowed = causal[None, None] & keep[:, None, None, :]
+    return torch.zeros(allowed.shape, device=keep.device).masked_fill(~allowed, -10000.0)
 
 
 class TaesarDecoder(nn.Module):
@@ -136,7 +170,7 @@ class TaesarDecoder(nn.Module):
         self.pos_emb = nn.Embedding(config.max_len, H)
         self.ln_emb = nn.LayerNorm(H, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(Block.of(config) for _ in range(config.n_layers))
         self.apply(self._init_weights)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()

@@ -286,6 +286,27 @@ def missing_regenerated(cfg: DictConfig, output: Regenerated, hint: str) -> File
     )
 
 
+# --------------------------------------------------------------------------- cross-domain baselines
+
+
+def baseline_checkpoint(cfg: DictConfig) -> tuple[Path, dict]:
+    """`CHECKPOINT_DIR/NAME/baseline/MODEL-KEY/MODEL-NAME-SEED.ckpt` of a cross-domain baseline, and its
+    settings (the model's keys with their quirks resolved, the training, the selection)."""
+    settings = {"dataset": _dataset_settings(cfg), "model": OmegaConf.to_container(cfg.model, resolve=True),
+                "training": _training(cfg, "baseline"), "select_on": cfg.select_on,
+                "MAX_ITEM_LIST_LENGTH": cfg.MAX_ITEM_LIST_LENGTH}
+    folder = project_path(cfg.checkpoint_dir) / cfg.dataset.name / "baseline" / (
+        f"{cfg.model.name}-{settings_key(settings)}")
+    return folder / f"{cfg.model.name}-{cfg.dataset.name}-{cfg.seed}.ckpt", settings
+
+
+def baseline_inputs(dataset: PreparedDataset) -> dict:
+    """What a cross-domain baseline is trained and selected from: the mixed training and validation
+    rows, each domain's validation users, the users' whole sequences (negatives) and the vocabulary."""
+    splits = ["item", "full.train", "full.valid", "full.test", *(f"{d}.valid" for d in dataset.domains.names)]
+    return {split: dataset.fingerprint(split) for split in splits}
+
+
 # --------------------------------------------------------------------------- Stage III
 
 

@@ -22,6 +22,7 @@ STAGES = {"run": "pretrain.py", "dec": "decoding.py", "tun": "finetune.py"}
 TRAINERS = ("base", "expert", "finetune")
 TRAIN_TYPES = ("sim", "new", "full")
 DECODER_MODELS = ("SASRec",)  # Stage I and II: the Taesar decoder is SASRec-style
+SASREC4 = "SASRec4"  # the paper's name for model_name=SASRec train_type=full
 
 
 def safe_dirname(overrides: str, limit: int = 120) -> str:
@@ -47,6 +48,8 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
         cfg = hydra_compose(config_name=config_name, overrides=overrides)
     if config_name == "prepare":
         return prepare_settings(cfg)
+    if config_name == "baseline":
+        return baseline_settings(cfg)
     return stage_settings(cfg, _STAGE_OF[config_name]) if config_name in _STAGE_OF else cfg
 
 
@@ -175,6 +178,35 @@ class PrepareSettings:
     progress: bool
 
 
+@dataclass(kw_only=True)
+class BaselineTrainer:
+    baseline: dict  # the cross-domain baseline's training (config/trainer/<model>.yaml)
+
+
+@dataclass(kw_only=True)
+class BaselineSettings:
+    """config/baseline.yaml: the cross-domain baselines (cdsr_baseline/train.py)."""
+
+    dataset: DatasetSettings
+    model: dict  # checked by cdsr_baseline.models.resolve_fidelity
+    trainer: BaselineTrainer
+    logger: LoggerSettings
+    gpu_id: int
+    seed: int = field(metadata=at_least(0))
+    data_path: str
+    checkpoint_dir: str
+    run_dir: Optional[str]
+    baseline_fidelity: Literal["official", "corrected"]
+    select_on: Literal["each", "mean"]
+    topk: list[int]
+    valid_metric: str
+    eval_batch_size: int = field(metadata=at_least(1))
+    MAX_ITEM_LIST_LENGTH: int = field(metadata=at_least(2))
+    resume: bool
+    overwrite: bool
+    progress: bool
+
+
 SCHEMAS = {"run": PipelineSettings, "dec": PipelineSettings, "tun": FinetuneSettings}
 
 # The official top-level keys (the names the official commands pass) and the section(s) they set
@@ -212,8 +244,28 @@ def stage_settings(cfg: DictConfig, stage: str) -> DictConfig:
     if stage == "tun":
         from model.backbones import check_backbone_params
 
+        if values["model_name"] == SASREC4:
+            if values["train_type"] != "full":
+                raise ConfigError(f"config key 'model_name' is SASRec4, SASRec on the mixed rows, which trains "
+                                  f"with train_type=full, not {values['train_type']}")
+            with open_dict(cfg):
+                cfg.model_name = values["model_name"] = "SASRec"  # the same run, checkpoint and table row
         check_backbone_params(values["model_name"], values["model"])
     apply_official_keys(cfg, stage)
+    return cfg
+
+
+def baseline_settings(cfg: DictConfig) -> DictConfig:
+    """Check `cdsr_baseline/train.py`'s config (the model's keys, once its quirks are resolved from
+    `baseline_fidelity`: `cdsr_baseline.models.resolve_fidelity`)."""
+    from cdsr_baseline.models import resolve_fidelity
+    from trainer import TrainConfig
+
+    values = OmegaConf.to_container(cfg, resolve=True)
+    from_config(BaselineSettings, values)
+    from_config(TrainConfig, values["trainer"]["baseline"], "trainer.baseline.", exclude=TrainConfig.SECTION_EXCLUDES)
+    train_config_of(values, "baseline")
+    resolve_fidelity(cfg)
     return cfg
 
 

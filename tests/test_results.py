@@ -42,5 +42,27 @@ def test_table_layout_and_seed_statistics(tmp_path):
 
 
 def test_no_runs_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="no finetune.py metrics.json"):
+    with pytest.raises(SystemExit, match="no finetune.py or cdsr_baseline/train.py metrics.json"):
         main([str(tmp_path), "--out", str(tmp_path / "out")])
+
+
+def write_baseline(folder, model, seed, values: dict):
+    folder.mkdir(parents=True)
+    test = {dom: {m: v for m in METRICS} for dom, v in values.items()}
+    (folder / "metrics.json").write_text(json.dumps({
+        "stage": "baseline", "dataset": "X", "model_name": model, "seed": seed, "valid": test, "test": test}))
+
+
+def test_cross_domain_rows_come_first_in_the_papers_order(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs / "a", "SASRec", "new", "dom1", 1, 0.2)
+    write_run(runs / "b", "SASRec", "full", "dom1", 1, 0.15)  # SASRec on the mixed rows: SASRec4
+    write_baseline(runs / "c", "SyNCRec", 1, {"dom1": 0.1, "dom2": 0.3})
+    write_baseline(runs / "d", "ABXI", 1, {"dom1": 0.2, "dom2": 0.4})
+    write_baseline(runs / "e", "ABXI", 2, {"dom1": 0.4, "dom2": 0.4})
+    assert len(collect([runs])) == 2 + 2 + 2 * 2  # a baseline run gives one record per domain
+    main([str(runs), "--out", str(tmp_path / "out")])
+    lines = (tmp_path / "out" / "table.md").read_text().splitlines()[2:]
+    assert [line.split(" | ")[1:3] for line in lines] == [["SASRec4", "full"], ["ABXI", "mixed"],
+                                                          ["SyNCRec", "mixed"], ["SASRec", "new (taesar)"]]
+    assert "0.3000 ± 0.1414" in lines[1] and "0.4000 ± 0.0000" in lines[1]  # ABXI over two seeds

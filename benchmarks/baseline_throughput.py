@@ -1,0 +1,99 @@
+"""Training throughput and peak memory of the cross-domain baselines, on ACDT and on the BEST-sized
+synthetic dataset.
+
+    python benchmarks/baseline_throughput.py --batches 5
+    python benchmarks/baseline_throughput.py --models ABXI --datasets acdt --batches 20 --device cuda
+
+Each (model, dataset) pair runs in its own spawned child process, so that the peak RSS it reports
+is that training's own (`getrusage(RUSAGE_SELF)` in the child): the model at its official size
+(config/model/*.yaml), Adam, batches of 128 `full.train` rows in the order of an epoch, one
+warm-up batch, then `--batches` timed training steps (forward, backward, update). Prints one
+markdown table row per pair.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import resource
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+MODELS = ("ABXI", "CGRec", "SyNCRec")
+DATASETS = {"acdt": "ACDT", "best": "SYN_BEST"}
+
+
+def prepared(dataset: str):
+    from data import PreparedDataset, project_path
+    from dataset.prepare import prepare_dataset, prepare_files
+    from pipeline.settings import compose
+
+    if dataset == "ACDT":
+        cfg = compose("prepare", [])
+        prepare_dataset(cfg.dataset, cfg.data_path, progress=False)
+    elif not (project_path("dataset") / dataset / "manifest.json").is_file():
+        from dataset.synthetic import BEST_SIZED, generate_raw
+
+        raw = generate_raw(project_path(f"dataset/raw/{dataset}"), BEST_SIZED, progress=False)
+        prepare_files(raw, project_path(f"dataset/{dataset}"), dataset)
+    return PreparedDataset(project_path("dataset"), dataset)
+
+
+def _train(model_name: str, dataset_name: str, batches: int, device: str) -> tuple[float, int, float, float]:
+    from cdsr_baseline.data import user_sequences
+    from cdsr_baseline.models import build_baseline
+    from data import SequenceLoader
+    from pipeline.settings import compose
+
+    dataset = prepared(dataset_name)
+    cfg = compose("baseline", [f"model={model_name}"])
+    torch.manual_seed(0)
+    model = build_baseline(model_name, dataset, cfg.model, user_sequences(dataset, 128)).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    loader = iter(SequenceLoader(dataset.rows("full.train"), 128, 128, shuffle=True, seed=0))
+    rows, seconds = 0, 0.0
+    for step in range(batches + 1):
+        batch = next(loader).to(device)
+        started = time.perf_counter()
+        loss = model.loss(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if step:  # the first batch warms up
+            seconds += time.perf_counter() - started
+            rows += len(batch.users)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    gpu = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else 0.0
+    return seconds, rows, peak, gpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--batches", type=int, default=5, help="timed training steps per pair")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    print(f"device {args.device}, {torch.get_num_threads()} CPU threads, batch 128, {args.batches} timed steps")
+    print("| model | dataset | s/batch | rows/s | epoch of full.train (extrapolated) | peak RSS GB | peak GPU GB |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for key in args.datasets:
+        name = DATASETS[key]
+        n_rows = len(prepared(name).rows("full.train"))
+        for model in args.models:
+            with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                seconds, rows, peak, gpu = pool.submit(_train, model, name, args.batches, args.device).result()
+            per_row = seconds / rows
+            print(f"| {model} | {name} | {seconds / args.batches:.2f} | {1 / per_row:.1f} | "
+                  f"{per_row * n_rows / 60:.1f} min | {peak:.2f} | {gpu:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

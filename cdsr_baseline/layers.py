@@ -1,0 +1,105 @@
+"""Building blocks the cross-domain baselines share (their Transformer layer is model.decoder.Block).
+
+    SwiGLU          W_3 (SiLU(W_2 z) * W_1 z), no biases (ABXI's feed-forward, adapters, projectors)
+    LoRA            z (A B)^T, A ~ N(0, 1) / 50, B = 0 (ABXI's dLoRA and iLoRA)
+    Intermediate    LN(z + drop(W_b GELU(W_a z + a) + b)), inner 4D (CGRec's heads, SyNCRec's towers)
+    binary_loss     -log(sigma(h.E_pos) + 1e-24) - log(1 - sigma(h.E_neg) + 1e-24), mean or sum form
+    left_align      right-padded rows -> their most recent items, left-padded (the baselines' layout)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BINARY_EPS = 1e-24  # the official copies' guard inside both logs and in the mean's denominator
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.w1 = nn.Linear(hidden, inner, bias=False)
+        self.w2 = nn.Linear(hidden, inner, bias=False)
+        self.w3 = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.w3(F.silu(self.w2(z)) * self.w1(z))
+
+
+class LoRA(nn.Module):
+    """A low-rank linear map z -> z (A B)^T; B starts at 0, so the map starts at 0."""
+
+    def __init__(self, hidden: int, rank: int):
+        super().__init__()
+        self.A = nn.Parameter(torch.randn(hidden, rank) / 50)
+        self.B = nn.Parameter(torch.zeros(rank, hidden))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z @ (self.A @ self.B).T
+
+
+class Intermediate(nn.Module):
+    """Position-wise residual feed-forward with inner width 4D: LN(z + drop(W_b GELU(W_a z + a) + b))."""
+
+    def __init__(self, hidden: int, dropout: float, layer_norm_eps: float = 1e-12):
+        super().__init__()
+        self.inner = nn.Linear(hidden, 4 * hidden)
+        self.outer = nn.Linear(4 * hidden, hidden)
+        self.norm = nn.LayerNorm(hidden, eps=layer_norm_eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.norm(z + self.dropout(self.outer(F.gelu(self.inner(z)))))
+
+
+def binary_loss(h: torch.Tensor, table: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
+                weight: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Binary cross-entropy with one negative per position.
+
+    h (..., D) states; table (V, D) the embeddings scored against; positive, negative (...) ids into
+    it; weight (...) 0/1. `mean`: sum(w l) / (sum(w) + 1e-24); `sum`: sum(w l), over every position.
+    """
+    pos = torch.sigmoid((h * table[positive]).sum(-1))
+    neg = torch.sigmoid((h * table[negative]).sum(-1))
+    loss = -torch.log(pos + BINARY_EPS) - torch.log(1 - neg + BINARY_EPS)
+    weighted = (loss * weight).sum()
+    if reduction == "sum":
+        return weighted
+    if reduction == "mean":
+        return weighted / (weight.sum() + BINARY_EPS)
+    raise ValueError(f"reduction must be mean or sum, got {reduction!r}")
+
+
+def left_align(items: torch.Tensor, lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, W) right-padded rows with (B,) lengths -> (B, width): each row's most recent `width`
+    items at the right end, zeros before (left padding)."""
+    B, W = items.shape
+    columns = torch.arange(width, device=items.device)
+    # column c of the output holds item lengths - width + c of the row, when that is >= 0
+    source = lengths[:, None] - width + columns[None, :]
+    valid = source >= 0
+    gathered = items.gather(1, source.clamp(min=0, max=max(W - 1, 0)))
+    return torch.where(valid, gathered, torch.zeros_like(gathered))
+
+
+def sample_excluding(candidates_lo: torch.Tensor, candidates_hi: torch.Tensor, excluded: torch.Tensor,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """One uniform draw per row from [lo, hi) minus the row's `excluded` ids.
+
+    lo, hi (P,) ranges; excluded (P, X) ids (0 is never drawn, so it pads). Rejection sampling:
+    redraw the rows whose draw is excluded until none is (the excluded share of a range is small
+    in every use here). Draws with the global torch generator unless one is given.
+    """
+    device = candidates_lo.device
+    span = (candidates_hi - candidates_lo).to(torch.float64)
+    draw = torch.empty_like(candidates_lo)
+    todo = torch.ones_like(candidates_lo, dtype=torch.bool)
+    for _ in range(1000):
+        index = todo.nonzero().squeeze(1)
+        if len(index) == 0:
+            return draw
+        u = torch.rand(len(index), generator=generator, dtype=torch.float64, device=device)
+        # min(): u * span can round up to span itself
+        draw[index] = torch.minimum(candidates_lo[index] + (u * span[index]).long(), candidates_hi[index] - 1)
+        todo[index] = (excluded[index] == draw[index, None]).any(1)
+    raise RuntimeError("could not draw a negative outside the excluded ids: a range is (almost) all excluded")

@@ -1,0 +1,104 @@
+"""The cross-domain baselines of the paper's Table 2 on the shared data, trainer and evaluator.
+
+    python cdsr_baseline/train.py model=ABXI seed=2025
+    python cdsr_baseline/train.py model=CGRec baseline_fidelity=corrected
+    python cdsr_baseline/train.py -m model=ABXI,CGRec,SyNCRec seed=2025,2026,2027
+    python cdsr_baseline/train.py -m model=SyNCRec search=SyNCRec     # the paper's search space
+
+A cross-domain model is trained once for all domains on the mixed `full.train` rows, with the one
+training loop of the project (`trainer.fit`): validation NDCG@10 of every domain after every epoch
+(full ranking over the domain's items, `full.valid` histories of the users of `dom{d}.valid`), and,
+by default (`select_on=each`), each domain's own best epoch kept and tested on `dom{d}.test`'s
+users; `select_on=mean` keeps one epoch, the best on the mean over domains. Early stopping: no domain
+improved for `trainer.baseline.stopping_step` evaluations. The run writes per-domain validation and
+test metrics to `metrics.json`; results.py puts them into the Table 2 layout.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repository root
+
+from cdsr_baseline.data import evaluation_rows, user_sequences  # noqa: E402
+from cdsr_baseline.models import build_baseline, resolve_fidelity  # noqa: E402
+from data import SequenceLoader  # noqa: E402
+from dataset.prepare import prepare_dataset  # noqa: E402
+from pipeline.artifacts import baseline_checkpoint, baseline_inputs, open_dataset, write_settings  # noqa: E402
+from pipeline.runs import RunLogger, finish_run, run_folder, seed_everything, user_errors  # noqa: E402
+from pipeline.settings import baseline_settings, train_config  # noqa: E402
+from trainer import Evaluation, check_meta, evaluate, fit, load_checkpoint, resume_file, select_device  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def run_baseline(cfg: DictConfig) -> dict:
+    """Train (or reuse) one cross-domain baseline; returns its per-domain validation and test metrics."""
+    baseline_settings(cfg)
+    quirks = resolve_fidelity(cfg)
+    training = train_config(cfg, "baseline")
+    prepare_dataset(cfg.dataset, cfg.data_path, progress=cfg.progress)  # reused when up to date
+    dataset = open_dataset(cfg)
+    domains = dataset.domains
+    seed_everything(cfg.seed)
+    device = select_device(cfg.gpu_id)
+    model = build_baseline(cfg.model.name, dataset, cfg.model,
+                           sequences=user_sequences(dataset, cfg.MAX_ITEM_LIST_LENGTH)).to(device)
+    checkpoint, settings = baseline_checkpoint(cfg)
+    write_settings(checkpoint.parent, settings)
+    meta = {"dataset": dataset.name, "n_items": domains.n_items, "domain_starts": list(domains.starts),
+            "model_name": cfg.model.name, "inputs": baseline_inputs(dataset)}
+    log.info("%s on %s (%d items, %d domains), %s fidelity %s, selection on %s, device %s", cfg.model.name,
+             dataset.name, domains.n_items, domains.n_domains, cfg.baseline_fidelity, quirks, cfg.select_on, device)
+
+    def loader(rows, shuffle, batch_size):
+        return SequenceLoader(rows, batch_size, cfg.MAX_ITEM_LIST_LENGTH, shuffle=shuffle, seed=cfg.seed)
+
+    def evaluations(split):
+        return {dom: Evaluation(loader(evaluation_rows(dataset, split, dom), False, cfg.eval_batch_size),
+                                lambda m, b, r=domains.range(dom): m.scores(b, r), domains.range(dom))
+                for dom in domains.names}
+
+    logger = RunLogger(cfg, run_folder(cfg), job=f"baseline-{cfg.model.name}")
+    train_seconds = None  # wall time of the training done by this run (none when a checkpoint is reused)
+    if checkpoint.is_file() and not cfg.overwrite:
+        saved = load_checkpoint(checkpoint)
+        check_meta(saved["meta"], meta, checkpoint)
+        log.info("reusing the finished checkpoint %s (overwrite=true trains anew)", checkpoint)
+    else:
+        if cfg.overwrite:
+            resume_file(checkpoint).unlink(missing_ok=True)
+        started = time.perf_counter()
+        fit(model, lambda m, b: m.loss(b), loader(dataset.rows("full.train"), True, training.batch_size), training,
+            checkpoint=checkpoint, meta=meta, valid=evaluations("valid"), select_on=cfg.select_on,
+            resume=cfg.resume, logger=logger, log_prefix=cfg.model.name, progress=cfg.progress, device=device)
+        train_seconds = time.perf_counter() - started
+        saved = load_checkpoint(checkpoint)
+    valid, test, test_ranks = {}, {}, {}
+    for dom, evaluation in evaluations("test").items():
+        weights = saved["domain_state_dicts"][dom] if "domain_state_dicts" in saved else saved["state_dict"]
+        model.load_state_dict(weights)
+        valid[dom] = saved["valid_metrics"][dom]
+        test_ranks[dom] = {}
+        test[dom] = evaluate(model, evaluation, training.topk, device, training.enable_amp, ranks=test_ranks[dom])
+        log.info("%s test %s", dom, " ".join(f"{k} {v:.4f}" for k, v in test[dom].items() if k.endswith("@10")))
+    metrics = {"stage": "baseline", "dataset": dataset.name, "model_name": cfg.model.name, "seed": cfg.seed,
+               "fidelity": cfg.baseline_fidelity, "quirks": quirks, "select_on": cfg.select_on,
+               "best_epoch": saved["best_epoch"], "epochs_run": saved["epochs_run"], "train_seconds": train_seconds,
+               "valid": valid, "test": test, "checkpoint": str(checkpoint), "test_ranks": test_ranks}
+    return finish_run(cfg, logger, metrics, {f"{dom}/test/{k}": v for dom, m in test.items() for k, v in m.items()})
+
+
+@hydra.main(version_base="1.3", config_path="../config", config_name="baseline")
+def main(cfg: DictConfig) -> None:
+    with user_errors():
+        run_baseline(cfg)
+
+
+if __name__ == "__main__":
+    main()
