@@ -1,0 +1,385 @@
+"""Every claim of the paper with a verdict: one command, resumable, on ACDT or any prepared dataset.
+
+    python -m analysis.report                                   # ACDT, seeds 2025 2026 2027, everything
+    python -m analysis.report --parts table2 --backbones SASRec --seeds 2025
+    python -m analysis.report --dataset synthetic --out results/report-synthetic -- trainer.base.epochs=50
+
+Parts (`--parts`, all by default):
+
+- `table2`: Table 2, every backbone (`--backbones`) on `sim`, `full` and `new` for every target
+  domain (`--domains`), with the cross-domain baselines (`--baselines`), mean ± std over the seeds;
+  and for each backbone and domain the paired comparisons new vs sim and new vs full: the mean
+  difference of test NDCG@10, its 95% interval from a paired bootstrap over test users pooled
+  over seeds (analysis/statistics.py), and the verdict (holds / does not hold / undecided).
+- `table3`: the six variants of Table 3 for every target domain (SASRec).
+- `figures`: Figure 5 (regeneration diagnostics) and Figure 4 (mapping view) of every target
+  domain, first seed.
+- `selectivity`: how the share of source items decoding converts, and Stage III's NDCG@10 on the
+  regenerated rows, depend on how long the base model and the experts train
+  (`--base-epochs`, `--expert-epochs`; `es` is early stopping, the default).
+
+Every run goes through the stage functions, which reuse every finished artifact (prepared data,
+checkpoints, regenerated files) and resume an interrupted training; each run's metrics.json lands
+in `OUT/runs/...`, so the report can be built up over several invocations (and a run already
+there is not repeated). `OUT/report.md` and its tables, CSVs and figures are written from whatever
+runs exist. Hydra overrides for every stage follow `--`; `STAGE:KEY=VALUE` (pretrain, decoding,
+finetune, baseline) goes to one stage only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics as stats
+import time
+from pathlib import Path
+
+from analysis.statistics import Comparison, aligned, paired_bootstrap
+from data.files import write_text_atomic
+from data.paths import project_path
+
+PARTS = ("table2", "table3", "figures", "selectivity")
+BACKBONES = ("SASRec", "GRU4Rec", "CL4SRec", "GCEGNN")
+BASELINES = ("ABXI", "CGRec", "SyNCRec")
+SEEDS = (2025, 2026, 2027)
+TRAIN_TYPES = ("sim", "full", "new")
+
+
+class Report:
+    """The runs of one report: where their metrics go, and running each one at most once."""
+
+    def __init__(self, dataset: str, out: Path, overrides: list[str], collect_only: bool = False):
+        self.dataset, self.out, self.overrides = dataset, Path(out), list(overrides)
+        self.collect_only = collect_only
+
+    def run(self, name: str, stage: str, overrides: list[str]) -> dict | None:
+        """The metrics of run `name` (OUT/runs/NAME/metrics.json), running the stage when it has none
+        (with `collect_only`, None instead)."""
+        folder = self.out / "runs" / name
+        done = folder / "metrics.json"
+        if done.is_file():
+            return json.loads(done.read_text(encoding="utf-8"))
+        if self.collect_only:
+            return None
+        from cdsr_baseline.train import run_baseline
+        from decoding import run_decoding
+        from finetune import run_finetune
+        from pipeline.settings import compose
+        from pretrain import run_pretrain
+
+        runner = {"pretrain": run_pretrain, "decoding": run_decoding, "finetune": run_finetune,
+                  "baseline": run_baseline}[stage]
+        started = time.perf_counter()
+        metrics = runner(compose(stage, [f"dataset={self.dataset}", *overrides, *self.for_stage(stage),
+                                         f"run_dir={folder}"]))
+        # the wall time of what this call ran (nothing was reused by the stage when it trained)
+        write_text_atomic(folder / "seconds.json", json.dumps({"seconds": time.perf_counter() - started}) + "\n")
+        return metrics
+
+    def seconds(self, name: str) -> float | None:
+        path = self.out / "runs" / name / "seconds.json"
+        return json.loads(path.read_text(encoding="utf-8"))["seconds"] if path.is_file() else None
+
+    def for_stage(self, stage: str) -> list[str]:
+        """The overrides a stage gets: `STAGE:KEY=VALUE` for that stage alone, the others for every
+        pipeline stage; a baseline (its own config) takes only the dataset, logger and run keys."""
+        shared = ("dataset", "data_path", "checkpoint_dir", "logger", "progress", "gpu_id")
+        chosen = []
+        for override in self.overrides:
+            prefix, sep, rest = override.partition(":")
+            if sep and prefix in ("pretrain", "decoding", "finetune", "baseline"):
+                if prefix == stage:
+                    chosen.append(rest)
+            elif stage != "baseline" or override.startswith(shared):
+                chosen.append(override)
+        return chosen
+
+    def pipeline(self, seed: int, domains: list[str], stage1: list[str] = ()) -> None:
+        """Stage I and II of one seed (and Stage I settings) for every target domain (the stage
+        functions reuse what exists)."""
+        if self.collect_only:
+            return
+        tag = "-".join(o.replace("=", "") for o in stage1) or "default"
+        self.run(f"stage1/{tag}/seed{seed}", "pretrain", [f"seed={seed}", *stage1])
+        for dom in domains:
+            self.run(f"stage2/{tag}/{dom}-seed{seed}", "decoding", [f"seed={seed}", f"target_dom={dom}", *stage1])
+
+
+def domains_of(dataset: str, overrides: list[str]) -> list[str]:
+    from dataset.prepare import prepare_dataset
+    from pipeline.artifacts import open_dataset
+    from pipeline.settings import compose
+
+    cfg = compose("prepare", [f"dataset={dataset}", *[o for o in overrides if o.startswith(("dataset.", "data_path"))]])
+    prepare_dataset(cfg.dataset, cfg.data_path, progress=False)
+    return open_dataset(cfg).domains.names
+
+
+# --------------------------------------------------------------------------- parts
+
+
+def table2(report: Report, seeds, domains, backbones, baselines) -> dict:
+    """Every seed's pipeline and backbones first, then the baselines one model at a time (the most
+    expensive runs last, so that an interrupted report already holds whole rows)."""
+    runs = {}
+    for seed in seeds:
+        report.pipeline(seed, domains)
+        for backbone in backbones:
+            for dom in domains:
+                for train_type in TRAIN_TYPES:
+                    runs[backbone, train_type, dom, seed] = report.run(
+                        f"table2/{backbone}-{train_type}-{dom}-seed{seed}", "finetune",
+                        [f"seed={seed}", f"target_dom={dom}", f"model_name={backbone}", f"train_type={train_type}"])
+    for baseline in baselines:
+        for seed in seeds:
+            metrics = report.run(f"baselines/{baseline}-seed{seed}", "baseline", [f"model={baseline}", f"seed={seed}"])
+            if metrics is None:
+                continue
+            for dom in domains:
+                runs[baseline, "mixed", dom, seed] = {**metrics, "test": metrics["test"][dom],
+                                                      "test_ranks": metrics["test_ranks"][dom]}
+    return {key: run for key, run in runs.items() if run is not None}
+
+
+def wall_times(report: Report, seeds, domains, baselines) -> list[list[str]]:
+    """Minutes per seed: Taesar's whole pipeline (Stage I, Stage II of every domain, SASRec on the
+    regenerated rows of every domain) and each baseline's run, as measured by this report."""
+    def minutes(names):
+        values = [report.seconds(n) for n in names]
+        return "–" if any(v is None for v in values) else f"{sum(values) / 60:.1f}"
+    rows = []
+    for seed in seeds:
+        taesar = [f"stage1/default/seed{seed}", *(f"stage2/default/{d}-seed{seed}" for d in domains),
+                  *(f"table2/SASRec-new-{d}-seed{seed}" for d in domains)]
+        rows.append([str(seed), minutes(taesar), *(minutes([f"baselines/{b}-seed{seed}"]) for b in baselines)])
+    return rows
+
+
+def comparisons(runs: dict, backbones, domains) -> list[dict]:
+    """new vs sim and new vs full for each backbone and domain (paired over users, pooled over seeds)."""
+    rows = []
+    for backbone in backbones:
+        for dom in domains:
+            def ranked(train_type):
+                return [{"seed": s, **r["test_ranks"]} for (b, t, d, s), r in runs.items()
+                        if (b, t, d) == (backbone, train_type, dom)]
+            for other in ("sim", "full"):
+                new, base = ranked("new"), ranked(other)
+                if not new or not base:
+                    continue
+                c: Comparison = paired_bootstrap(*aligned(new, base))
+                rows.append({"backbone": backbone, "domain": dom, "claim": f"new > {other}", "delta": c.mean,
+                             "low": c.low, "high": c.high, "seed_std": c.seed_std, "seeds": c.seeds,
+                             "users": c.users, "verdict": c.verdict})
+    return rows
+
+
+def table3(report: Report, seeds, domains) -> dict:
+    from analysis.ablation import VARIANTS
+
+    runs = {}
+    for dom in domains:
+        for variant in VARIANTS:
+            experiment = [] if variant == "taesar" else [f"experiment={variant}"]
+            for seed in seeds:
+                report.pipeline(seed, [dom], experiment)
+                runs[variant, dom, seed] = report.run(
+                    f"table3/{variant}-{dom}-seed{seed}", "finetune",
+                    [f"seed={seed}", f"target_dom={dom}", "model_name=SASRec", "train_type=new", *experiment])
+    return {key: run for key, run in runs.items() if run is not None}
+
+
+def selectivity(report: Report, seeds, domains, base_epochs, expert_epochs) -> list[dict]:
+    """Conversion per source domain and Stage III NDCG@10 as functions of the training lengths."""
+    settings = [("base", e) for e in base_epochs] + [("expert", e) for e in expert_epochs]
+    rows = []
+    for which, epochs in settings:
+        if epochs == "es":
+            stage1 = [] if which == "base" else ["trainer.expert.stopping_step=10", "trainer.expert.keep=best"]
+        else:  # a fixed length: no early stopping, the last epoch kept
+            stage1 = [f"trainer.{which}.epochs={epochs}", f"trainer.{which}.stopping_step=0",
+                      f"trainer.{which}.keep=last"]
+        tag = "-".join(o.replace("=", "") for o in stage1) or "default"
+        for seed in seeds:
+            report.pipeline(seed, domains, stage1)
+            for dom in domains:
+                summary = report.run(f"stage2/{tag}/{dom}-seed{seed}", "decoding",
+                                     [f"seed={seed}", f"target_dom={dom}", *stage1])
+                tuned = report.run(f"selectivity/{tag}/{dom}-seed{seed}", "finetune",
+                                   [f"seed={seed}", f"target_dom={dom}", "model_name=SASRec", "train_type=new",
+                                    *stage1])
+                if summary is None or tuned is None:
+                    continue
+                for source, counts in summary["source_items"].items():
+                    rows.append({"trained": which, "epochs": str(epochs), "seed": seed, "target": dom,
+                                 "source": source, "converted": counts["replaced"] / max(counts["seen"], 1),
+                                 "ndcg@10": tuned["test"]["ndcg@10"]})
+    return rows
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean = stats.fmean(values)
+    return f"{mean:.4f}" + (f" ± {stats.stdev(values):.4f}" if len(values) > 1 else "")
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    return ("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
+            + "".join("| " + " | ".join(map(str, r)) + " |\n" for r in rows))
+
+
+def write_report(out: Path, args, parts: dict) -> str:
+    """report.md (and CSVs, figures) from the runs collected so far."""
+    from results import write_tables
+
+    lines = [f"# Report: {args.dataset}", "",
+             f"Seeds {', '.join(map(str, args.seeds))}; command `python -m analysis.report "
+             f"--dataset {args.dataset} --seeds {' '.join(map(str, args.seeds))} "
+             f"--parts {' '.join(args.parts)}`; machine: {machine()}.", ""]
+    if "table2" in parts:
+        runs = parts["table2"]
+        table = write_tables([{**r, "train_type": t, "model_name": b, "target_dom": d, "seed": s,
+                               "variant": "taesar" if t == "new" else None}
+                              for (b, t, d, s), r in runs.items()], out / "table2")
+        rows = comparisons(runs, args.backbones, args.domains)
+        lines += ["## Table 2 (test, mean ± std over seeds)", "", table, "",
+                  "## Claims: new vs sim and new vs full (test NDCG@10)", "",
+                  "Paired bootstrap over test users pooled over seeds (10,000 resamples), 95% interval.", "",
+                  markdown_table(["backbone", "domain", "claim", "mean difference", "95% interval", "std over seeds",
+                                  "seeds", "users", "verdict"],
+                                 [[r["backbone"], r["domain"], r["claim"], f"{r['delta']:+.4f}",
+                                   f"[{r['low']:+.4f}, {r['high']:+.4f}]",
+                                   f"{r['seed_std']:.4f}" if r["seeds"] > 1 else "–", r["seeds"],
+                                   r["users"], f"**{r['verdict']}**"] for r in rows]), ""]
+        write_text_atomic(out / "claims.json", json.dumps(rows, indent=2) + "\n")
+        lines += ["## Wall time (minutes per seed, as run by this report)", "",
+                  markdown_table(["seed", "Taesar (Stage I + II + SASRec on new, all domains)", *args.baselines],
+                                 wall_times(args.report, args.seeds, args.domains, args.baselines)), ""]
+    if "table3" in parts:
+        from analysis.ablation import VARIANTS
+
+        header = ["variant", *args.domains]
+        body = [[name, *[_mean_std([r["test"]["ndcg@10"] for (v, d, s), r in parts["table3"].items()
+                                    if (v, d) == (variant, dom)]) for dom in args.domains]]
+                for variant, name in VARIANTS.items()]
+        lines += ["## Table 3 (SASRec on the regenerated rows, test NDCG@10)", "", markdown_table(header, body), ""]
+    if "selectivity" in parts:
+        rows = parts["selectivity"]
+        write_text_atomic(out / "selectivity.json", json.dumps(rows, indent=2) + "\n")
+        keys = sorted({(r["trained"], r["epochs"]) for r in rows}, key=lambda k: (k[0], _epochs_order(k[1])))
+        body = []
+        for trained, epochs in keys:
+            mine = [r for r in rows if (r["trained"], r["epochs"]) == (trained, epochs)]
+            for dom in args.domains:
+                here = [r for r in mine if r["target"] == dom]
+                per_seed = {r["seed"]: r["ndcg@10"] for r in here}
+                body.append([trained, epochs, dom, _mean_std([r["converted"] for r in here]),
+                             _mean_std(list(per_seed.values()))])
+        lines += ["## Selectivity: conversion and Stage III NDCG@10 against the training lengths", "",
+                  markdown_table(["trained", "epochs", "target", "converted share of source items", "NDCG@10"], body),
+                  ""]
+        if rows:
+            lines += [f"![selectivity]({plot_selectivity(rows, out / 'selectivity.png').name})", ""]
+    if "figures" in parts:
+        lines += ["## Figures 4 and 5", ""] + [f"![{p.stem}]({p.relative_to(out)})" for p in parts["figures"]] + [""]
+    text = "\n".join(lines)
+    write_text_atomic(out / "report.md", text)
+    return text
+
+
+def _epochs_order(epochs: str) -> float:
+    return float("inf") if epochs == "es" else float(epochs)
+
+
+def plot_selectivity(rows: list[dict], png: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from analysis import save_figure
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, key, label in ((axes[0], "converted", "converted share of source items"), (axes[1], "ndcg@10", "NDCG@10")):
+        for trained, style in (("base", "-o"), ("expert", "--s")):
+            mine = [r for r in rows if r["trained"] == trained]
+            for dom in sorted({r["target"] for r in mine}):
+                points = sorted({(_epochs_order(r["epochs"]), r["epochs"]) for r in mine if r["target"] == dom})
+                xs = list(range(len(points)))
+                ys = [stats.fmean([r[key] for r in mine if r["target"] == dom and r["epochs"] == e]) for _, e in points]
+                ax.plot(xs, ys, style, label=f"{trained} {dom}", markersize=3)
+                ax.set_xticks(xs, [e for _, e in points])
+        ax.set(xlabel="epochs (es: early stopping)", ylabel=label)
+        ax.grid(linewidth=0.3)
+    axes[1].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    return save_figure(fig, png, dpi=100)
+
+
+def figures(report: Report, seed: int, domains: list[str]) -> list[Path]:
+    from analysis import diagnostics, mapping_view
+
+    out = report.out / "figures"
+    paths = []
+    for dom in domains:
+        common = ["--target", dom, "--out", str(out), f"dataset={report.dataset}", f"seed={seed}",
+                  *report.for_stage("decoding")]
+        diagnostics.main(common)
+        mapping_view.main(common)
+        paths += [out / f"diagnostics_{dom}.png", out / f"mapping_{dom}.png"]
+    return paths
+
+
+def machine() -> str:
+    import os
+
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else ""
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__} with {torch.get_num_threads()} threads, {device}"
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="ACDT")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    parser.add_argument("--domains", nargs="+", default=None, help="target domains (default: all)")
+    parser.add_argument("--backbones", nargs="+", default=list(BACKBONES))
+    parser.add_argument("--baselines", nargs="*", default=list(BASELINES))
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    parser.add_argument("--base-epochs", nargs="+", default=["20", "40", "80", "es"])
+    parser.add_argument("--expert-epochs", nargs="+", default=["5", "10", "20", "40"])
+    parser.add_argument("--out", type=Path, default=Path("results/report"))
+    parser.add_argument("--collect-only", action="store_true",
+                        help="write the report from the runs already in OUT/runs, running nothing")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every stage, after `--`")
+    args = parser.parse_args(argv)
+    out = project_path(args.out)
+    args.domains = args.domains or domains_of(args.dataset, args.overrides)
+    report = args.report = Report(args.dataset, out, args.overrides, args.collect_only)
+    parts = {}
+    if "table2" in args.parts:
+        parts["table2"] = table2(report, args.seeds, args.domains, args.backbones, args.baselines)
+    if "table3" in args.parts:
+        parts["table3"] = table3(report, args.seeds, args.domains)
+    if "figures" in args.parts:
+        if args.collect_only:
+            parts["figures"] = sorted((out / "figures").glob("*.png"))
+        else:
+            report.pipeline(args.seeds[0], args.domains)
+            parts["figures"] = figures(report, args.seeds[0], args.domains)
+    if "selectivity" in args.parts:
+        parts["selectivity"] = selectivity(report, args.seeds, args.domains, args.base_epochs, args.expert_epochs)
+    text = write_report(out, args, parts)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
