@@ -152,11 +152,11 @@ class SyNCRec(nn.Module):
         weights = torch.cat([share_single * pi_single, share_cross * pi_cross], dim=-1)  # (B, n_e)
         mixture = 0.0
         for i in range(self.params.expert_num):
-            out = self._module(self.experts, i)(e, mask)  # each call with its own dropout noise
-            single_expert = i < self.n_single
-            # the other partition's experts send no gradient into this task
-            if (cross and single_expert) or (not cross and not single_expert):
-                out = out.detach()
+            # the other partition's experts send no gradient into this task: they run without a
+            # graph (the same values and dropout draws as computing and detaching them, less memory)
+            detached = cross == (i < self.n_single)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not detached):
+                out = self._module(self.experts, i)(e, mask)  # each call with its own dropout noise
             mixture = mixture + weights[:, i, None, None] * out
         return self._module(self.towers, task)(mixture)
 
