@@ -55,6 +55,7 @@ done
 echo "== data preparation: dataset=$DATASET"
 python -m dataset.prepare dataset="$DATASET" "${PREPARE[@]}"
 # Target domains: every domain of the dataset unless DOMAINS names some.
+DOMAINS_GIVEN="${DOMAINS:-}"
 DOMAINS="${DOMAINS:-$(python -c "from pipeline.settings import compose; from pipeline.artifacts import open_dataset; \
 import sys; print(' '.join(open_dataset(compose('prepare', sys.argv[1:])).domains.names))" \
     dataset="$DATASET" "${PREPARE[@]}")}"
@@ -65,7 +66,9 @@ for seed in $SEEDS; do
         "${PRETRAIN[@]}"
 done
 echo "== Stage II, decoding: dataset=$DATASET seeds=$SEEDS target domains=$DOMAINS"
-python decoding.py -m dataset="$DATASET" seed="$(join $SEEDS)" gpu_id="$GPU_ID" target_dom="$(join $DOMAINS)" \
+# every target domain in one pass (each row encoded once per model), unless DOMAINS names some
+TARGETS="$( [ -n "${DOMAINS_GIVEN:-}" ] && join $DOMAINS || echo all )"
+python decoding.py -m dataset="$DATASET" seed="$(join $SEEDS)" gpu_id="$GPU_ID" target_dom="$TARGETS" \
     hydra.sweep.dir="$RUN/decoding" "${DECODING[@]}"
 echo "== analysis: regeneration diagnostics (Figure 5) and mapping views (Figure 4) of every decoded domain"
 for seed in $SEEDS; do

@@ -95,14 +95,13 @@ class Report:
         return chosen
 
     def pipeline(self, seed: int, domains: list[str], stage1: list[str] = ()) -> None:
-        """Stage I and II of one seed (and Stage I settings) for every target domain (the stage
-        functions reuse what exists)."""
+        """Stage I and II of one seed (and Stage I settings), every target domain decoded in one pass
+        (the stage functions reuse what exists)."""
         if self.collect_only:
             return
         tag = "-".join(o.replace("=", "") for o in stage1) or "default"
         self.run(f"stage1/{tag}/seed{seed}", "pretrain", [f"seed={seed}", *stage1])
-        for dom in domains:
-            self.run(f"stage2/{tag}/{dom}-seed{seed}", "decoding", [f"seed={seed}", f"target_dom={dom}", *stage1])
+        self.run(f"stage2/{tag}/all-seed{seed}", "decoding", [f"seed={seed}", "target_dom=all", *stage1])
 
 
 def domains_of(dataset: str, overrides: list[str]) -> list[str]:
@@ -149,7 +148,7 @@ def wall_times(report: Report, seeds, domains, baselines) -> list[list[str]]:
         return "–" if any(v is None for v in values) else f"{sum(values) / 60:.1f}"
     rows = []
     for seed in seeds:
-        taesar = [f"stage1/default/seed{seed}", *(f"stage2/default/{d}-seed{seed}" for d in domains),
+        taesar = [f"stage1/default/seed{seed}", f"stage2/default/all-seed{seed}",
                   *(f"table2/SASRec-new-{d}-seed{seed}" for d in domains)]
         rows.append([str(seed), minutes(taesar), *(minutes([f"baselines/{b}-seed{seed}"]) for b in baselines)])
     return rows
@@ -202,14 +201,14 @@ def selectivity(report: Report, seeds, domains, base_epochs, expert_epochs) -> l
         tag = "-".join(o.replace("=", "") for o in stage1) or "default"
         for seed in seeds:
             report.pipeline(seed, domains, stage1)
+            decoded = report.run(f"stage2/{tag}/all-seed{seed}", "decoding", [f"seed={seed}", "target_dom=all", *stage1])
             for dom in domains:
-                summary = report.run(f"stage2/{tag}/{dom}-seed{seed}", "decoding",
-                                     [f"seed={seed}", f"target_dom={dom}", *stage1])
                 tuned = report.run(f"selectivity/{tag}/{dom}-seed{seed}", "finetune",
                                    [f"seed={seed}", f"target_dom={dom}", "model_name=SASRec", "train_type=new",
                                     *stage1])
-                if summary is None or tuned is None:
+                if decoded is None or tuned is None:
                     continue
+                summary = decoded["reports"][dom]
                 for source, counts in summary["source_items"].items():
                     rows.append({"trained": which, "epochs": str(epochs), "seed": seed, "target": dom,
                                  "source": source, "converted": counts["replaced"] / max(counts["seen"], 1),
@@ -346,6 +345,9 @@ def machine() -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="ACDT")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))

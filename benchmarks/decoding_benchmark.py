@@ -3,11 +3,16 @@
     .venv/bin/python benchmarks/decoding_benchmark.py acdt [--plain-rows 80]
     .venv/bin/python benchmarks/decoding_benchmark.py best [--rows 2000] [--device cuda]
 
-`acdt`: the fast decoder (`model/regeneration.py`) against the plain
-per-timestep decoder of `tests/reference_decoder.py`, one after the other in
-one run on the same ACDT rows and models, for target domain dom4; the plain
-one runs on the first `--plain-rows` rows only (it is slow), the ratio is of
-rows per second.
+`acdt`: in one run, on the same ACDT rows and models: the floor (one encoder
+pass per model over every row, timed alone); the project's decoder
+(`model/regeneration.py`) for one target domain (dom4) and for all four in one
+pass; the reference code's strategy (`reference_strategy`: a batched forward
+pass per model with logits at every position, then a Python loop over
+timesteps and source domains, the rule in float32) for dom4 and four times for
+the four domains; and the per-timestep loop of `tests/reference_decoder.py`,
+which re-encodes every prefix (on the first `--plain-rows` rows, extrapolated).
+First a check: with the reference shift on and the rule in float64, the
+reference strategy writes the project's items.
 
 `best`: a BEST-sized synthetic dataset (`dataset.synthetic.BEST_SIZED`: about
 40,000 users, 190,000 items), prepared on first use, decoded for every target
@@ -28,6 +33,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +56,61 @@ def first_rows(rows: SequenceRows, n: int) -> SequenceRows:
     return rows.take(range(min(n, len(rows))))
 
 
+@torch.no_grad()
+def reference_strategy(rows: SequenceRows, domains, target: int, base, experts, rule, precision=torch.float32,
+                       batch_size: int = 32, max_len: int = 128) -> dict[int, list[int]]:
+    """What the reference code does, as a loop: for each batch of rows, one forward pass per model over
+    the batch padded to every position, with logits over all N + 1 ids at every position; then a
+    Python loop over the timesteps and, inside it, over the source domains, applying the rule to the
+    rows whose next item lies in that domain (in float32, as it does). The rule's arithmetic is the
+    project's (`model.contrastive.decode`, on the columns of the real items), so that in float64 the
+    decisions are the project's: returns each user's decoded sequence of target items and
+    replacements (before post-processing), for the check.
+    """
+    from data import SequenceLoader
+    from model.contrastive import computed_in, decode
+
+    models = [base, *(experts[d] for d in range(1, domains.n_domains + 1))]
+    domain_table = torch.from_numpy(domains.domain_of(np.arange(domains.n_items + 1)))
+    out: dict[int, list[int]] = {}
+    loader = SequenceLoader(rows, batch_size, max_len)
+    with computed_in(precision):
+        for batch in loader:
+            items = torch.nn.functional.pad(batch.items, (0, max_len - batch.items.size(1)))  # every position
+            logits = [m.encode(items) @ m.item_emb.weight.T for m in models]  # (B, L, N + 1) each, id i at i
+            new = torch.where(domain_table[items] == target, items, 0)
+            for t in range(max_len - 1):
+                next_domain = domain_table[items[:, t + 1]]
+                for s in range(1, domains.n_domains + 1):
+                    if s == target:
+                        continue
+                    chosen = (next_domain == s).nonzero().squeeze(1)
+                    if len(chosen) == 0:
+                        continue
+                    decision = decode(logits[target][chosen, t, 1:], logits[s][chosen, t, 1:],
+                                      logits[0][chosen, t, 1:], domains.range(target), rule)
+                    new[chosen, t + 1] = decision.items
+            for r, user in enumerate(batch.users.tolist()):
+                out[user] = new[r, : int(batch.lengths[r])].tolist()
+    return out
+
+
+def timed(fn, *args, **kwargs):
+    started = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - started
+
+
+@torch.no_grad()
+def encoder_floor(rows: SequenceRows, models, batch_size: int = 32, max_len: int = 128) -> None:
+    """One encoder pass per model over every row: what any decoder must spend."""
+    from data import SequenceLoader
+
+    for batch in SequenceLoader(rows, batch_size, max_len):
+        for model in models:
+            model.encode(batch.items)
+
+
 def acdt(plain_rows: int) -> None:
     from omegaconf import OmegaConf
 
@@ -59,25 +120,39 @@ def acdt(plain_rows: int) -> None:
     prepare_dataset(OmegaConf.load(project_path("config/dataset/ACDT.yaml")), "dataset", progress=False)
     dataset = PreparedDataset(project_path("dataset"), "ACDT")
     rows = dataset.rows("full.train")
-    base, experts = random_models(dataset.domains.n_items, dataset.domains.n_domains, torch.device("cpu"))
-    target, rule = 4, DecodingRule()
+    domains = dataset.domains
+    base, experts = random_models(domains.n_items, domains.n_domains, torch.device("cpu"))
+    models = [base, *experts.values()]
+    rule = DecodingRule()
+    print(f"ACDT full.train ({len(rows)} rows, {domains.n_items} items), CPU, {torch.get_num_threads()} threads")
 
-    started = time.perf_counter()
-    fast = regenerate(rows, dataset.domains, target, base, experts, rule, max_len=128, batch_size=32)
-    fast_s = time.perf_counter() - started
+    # The check: with the reference shift, the loop (rule in float64) writes the project's items.
+    shifted = DecodingRule(reference_shift=True)
     subset = first_rows(rows, plain_rows)
-    started = time.perf_counter()
-    plain = reference_regenerate(subset, dataset.domains, target, base, experts, rule)
-    plain_s = time.perf_counter() - started
+    ours = regenerate(subset, domains, 4, base, experts, shifted, max_len=128, batch_size=32).new_items
+    loop = reference_strategy(subset, domains, 4, base, experts, shifted, precision=torch.float64)
+    same = all(loop[int(u)] == ours[subset.offsets[r]:subset.offsets[r + 1]].tolist()
+               for r, u in enumerate(subset.users))
+    print(f"check on {len(subset)} rows, reference shift on: the loop writes the same items as the project: {same}")
 
-    same = [(int(u), fast.rows.sequence(r).tolist()) for r, u in enumerate(fast.rows.users)
-            if int(u) <= int(subset.users[-1])] == plain
-    print(f"ACDT full.train, target dom4, CPU, {torch.get_num_threads()} threads")
-    print("| decoder | rows | seconds | rows/s |")
+    _, floor = timed(encoder_floor, rows, models)
+    print("| decoding | targets | seconds | against the one-pass decoder |")
     print("|---|---:|---:|---:|")
-    print(f"| fast (model/regeneration.py) | {len(rows)} | {fast_s:.2f} | {len(rows) / fast_s:.1f} |")
-    print(f"| plain (tests/reference_decoder.py) | {len(subset)} | {plain_s:.2f} | {len(subset) / plain_s:.2f} |")
-    print(f"speed-up: {(len(rows) / fast_s) / (len(subset) / plain_s):.0f}x; same output on the common rows: {same}")
+    _, one = timed(regenerate, rows, domains, 4, base, experts, rule, max_len=128, batch_size=32)
+    _, reference_one = timed(reference_strategy, rows, domains, 4, base, experts, rule)
+    _, every = timed(regenerate, rows, domains, [1, 2, 3, 4], base, experts, rule, max_len=128, batch_size=32)
+    reference_all = 0.0
+    for target in (1, 2, 3, 4):
+        reference_all += timed(reference_strategy, rows, domains, target, base, experts, rule)[1]
+    _, plain = timed(reference_regenerate, subset, domains, 4, base, experts, rule)
+    plain_all = plain * len(rows) / len(subset)
+    print(f"| encoder passes alone (the floor: 5 models over every row) | - | {floor:.2f} | - |")
+    print(f"| project, one target (dom4) | 1 | {one:.2f} | {one / floor:.2f}x the floor |")
+    print(f"| reference strategy, one target (dom4) | 1 | {reference_one:.2f} | {reference_one / one:.2f}x the project |")
+    print(f"| project, target_dom=all (one pass) | 4 | {every:.2f} | {every / floor:.2f}x the floor |")
+    print(f"| reference strategy, run 4 times | 4 | {reference_all:.2f} | {reference_all / every:.2f}x the project |")
+    print(f"| per-timestep loop of tests/ (re-encodes every prefix; {len(subset)} rows, extrapolated) | 1 | "
+          f"{plain_all:.2f} | {plain_all / one:.1f}x the project |")
 
 
 def _decode_one(target: int, n_rows: int, device: str, chunk: int) -> tuple[float, int, int, float]:
@@ -87,7 +162,7 @@ def _decode_one(target: int, n_rows: int, device: str, chunk: int) -> tuple[floa
     base, experts = random_models(dataset.domains.n_items, dataset.domains.n_domains, torch.device(device))
     started = time.perf_counter()
     result = regenerate(subset, dataset.domains, target, base, experts, DecodingRule(), max_len=128,
-                        batch_size=32, positions_per_chunk=chunk, device=torch.device(device))
+                        batch_size=32, chunk=chunk, device=torch.device(device))
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started

@@ -16,6 +16,7 @@ NOTE: the reference's score vectors also hold the padding column (index i is ite
 global softmaxes include padding; here they run over the N real items only.
 """
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -35,6 +36,20 @@ def _check_weights(weights: str) -> None:
         raise ValueError(f"unknown weighting {weights!r}; expected one of {WEIGHTS}")
 
 
+_PRECISION = [torch.float64]  # what the rule computes in; see `computed_in`
+
+
+@contextlib.contextmanager
+def computed_in(dtype: torch.dtype):
+    """Compute the rule in `dtype` inside the block; only for measuring what the reference code
+    does (float32): the project's decisions are float64's (`_as_float`)."""
+    _PRECISION.append(dtype)
+    try:
+        yield
+    finally:
+        _PRECISION.pop()
+
+
 def _as_float(name: str, z: torch.Tensor) -> torch.Tensor:
     """Check one logits tensor and return it in float64.
 
@@ -48,7 +63,7 @@ def _as_float(name: str, z: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{name} must be a floating-point tensor, got {getattr(z, 'dtype', type(z))}")
     if z.ndim < 1 or z.shape[-1] == 0:
         raise ValueError(f"{name} needs at least one candidate column, got shape {tuple(z.shape)}")
-    return z.to(torch.float64)
+    return z.to(_PRECISION[-1])
 
 
 def _check_same_shape(**logits: torch.Tensor) -> None:

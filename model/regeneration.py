@@ -1,11 +1,13 @@
 """Stage II over a whole training split: teacher-forced contrastive decoding, then post-processing.
 
-Only the positions whose next item belongs to a source domain are scored, for
-all source domains in one pass over the rows; the scores are computed in
-chunks of positions so that memory stays bounded for large vocabularies. The
-decisions land in a flat array aligned with the input items, and everything
-after that (filtering, collapsing repeats, statistics, the mapping) is
-vectorised over that array. File writing is the caller's business.
+Every batch of rows is encoded once per model and every position with a next
+item scored once per model; the decisions of every target domain asked for
+come from those logits (a target's source positions are those whose next item
+is of another domain), so one pass decodes all target domains. Positions are
+scored in chunks sized from a memory budget, so memory stays bounded for large
+vocabularies. The decisions land in a flat array aligned with the input items,
+and everything after that (filtering, collapsing repeats, statistics, the
+mapping) is vectorised over that array. File writing is the caller's business.
 """
 from __future__ import annotations
 
@@ -33,68 +35,82 @@ class Regeneration:
     mapping: dict[int, dict[int, int]] = field(default_factory=dict)  # source item -> target item -> count
 
 
+# Bytes a scored position needs: its logits under the base model and every expert (float32), and the
+# rule's float64 working set for one target (three inputs, the score and about eight temporaries).
+BYTES_PER_ITEM_AND_MODEL, RULE_BYTES_PER_ITEM = 4, 12 * 8
+
+
+def positions_per_chunk(memory_gb: float, n_items: int, n_models: int) -> int:
+    """How many positions to score at once within a memory budget of `memory_gb` (at least one)."""
+    per_position = n_items * (BYTES_PER_ITEM_AND_MODEL * n_models + RULE_BYTES_PER_ITEM)
+    return max(1, int(memory_gb * 1e9 // per_position))
+
+
 @torch.no_grad()
 def decode_rows(
     rows: SequenceRows,
     domains: DomainRanges,
-    target: int,
+    targets: list[int],
     base: TaesarDecoder,
     experts: dict[int, TaesarDecoder],
     rule: DecodingRule,
     *,
     max_len: int,
     batch_size: int = 32,
-    positions_per_chunk: int = 256,
+    memory_gb: float = 2.0,
+    chunk: int | None = None,
     device: torch.device = torch.device("cpu"),
     progress: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Decide every source item that has a history: returns `(new_items, convertible)`, flat like `rows.items`.
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Decide every source item that has a history, for each target domain of `targets`.
 
-    `new_items` keeps target items, holds the replacement of a replaced source
-    item and 0 for a deleted one (or one without a history: the first item of a
-    row, or one older than the `max_len` window). `convertible` marks the
-    source items that passed the global test.
+    Returns, per target, `(new_items, convertible)`, flat like `rows.items`: `new_items` keeps
+    target items, holds the replacement of a replaced source item and 0 for a deleted one (or
+    one without a history: the first item of a row, or one older than the `max_len` window);
+    `convertible` marks the source items that passed the global test.
+
+    Each batch of rows is encoded once by every model, and every position with a next item is
+    scored once by every model (the logits a target's decisions need: its expert's, the next
+    item's own domain expert's and the base model's); the decisions of every target come from
+    those. Positions are scored in chunks sized from `memory_gb` (or `chunk` positions). The
+    chunks, and so every input of the rule, are the same whichever targets are asked for: one
+    run for all targets writes the same decisions as one run per target.
     """
     item_domain = domains.domain_of(rows.items)
-    new_items = np.where(item_domain == target, rows.items, 0)
-    convertible = np.zeros(len(rows.items), dtype=bool)
-    target_range = domains.range(target)
+    results = {t: (np.where(item_domain == t, rows.items, 0), np.zeros(len(rows.items), dtype=bool)) for t in targets}
     domain_table = torch.from_numpy(domains.domain_of(np.arange(domains.n_items + 1))).to(device)
-    for model in (base, *experts.values()):
+    models = [base, *(experts[d] for d in range(1, domains.n_domains + 1))]  # index 0: M, d: E_d
+    for model in models:
         model.eval()
+    chunk = chunk or positions_per_chunk(memory_gb, domains.n_items, len(models))
 
     loader = SequenceLoader(rows, batch_size, max_len, shuffle=False)
     # The window may have cut a row's oldest items: flat index of its column 0.
     window_start = rows.offsets[1:] - loader.lengths.numpy()
     first_row = 0
-    for batch in tqdm(loader, desc=f"decoding dom{target}", disable=not progress):
+    for batch in tqdm(loader, desc=f"decoding dom{','.join(map(str, targets))}", disable=not progress):
         items = batch.items.to(device)
         next_domain = domain_table[items[:, 1:]]  # (B, W - 1): domain of the item each position predicts
-        is_source = (next_domain != 0) & (next_domain != target)
-        row, position = is_source.nonzero(as_tuple=True)  # (P,) each
+        row, position = (next_domain != 0).nonzero(as_tuple=True)  # (P,) every position with a next item
         if len(row):
-            source = next_domain[row, position]
-            hidden_target = experts[target].encode(items)[row, position]
-            hidden_base = base.encode(items)[row, position]
-            hidden_source = torch.empty_like(hidden_target)
-            for s in source.unique().tolist():
-                chosen = source == s
-                hidden_source[chosen] = experts[s].encode(items)[row[chosen], position[chosen]]
-            for start in range(0, len(row), positions_per_chunk):
-                chunk = slice(start, start + positions_per_chunk)
-                z_source = torch.empty(hidden_source[chunk].shape[0], domains.n_items, device=device)
-                for s in source[chunk].unique().tolist():
-                    chosen = source[chunk] == s
-                    z_source[chosen] = experts[s].logits(hidden_source[chunk][chosen])
-                decision = decode(
-                    experts[target].logits(hidden_target[chunk]), z_source, base.logits(hidden_base[chunk]),
-                    target_range, rule,
-                )
-                flat = window_start[first_row + row[chunk].cpu().numpy()] + position[chunk].cpu().numpy() + 1
-                new_items[flat] = decision.items.cpu().numpy()
-                convertible[flat] = decision.convertible.cpu().numpy()
+            hidden = torch.stack([model.encode(items)[row, position] for model in models])  # (1 + k, P, H)
+            source = next_domain[row, position]  # (P,) the domain of each next item
+            flat = window_start[first_row + row.cpu().numpy()] + position.cpu().numpy() + 1
+            for start in range(0, len(row), chunk):
+                part = slice(start, start + chunk)
+                logits = torch.stack([model.logits(h[part]) for model, h in zip(models, hidden)])  # (1 + k, P', N)
+                s = source[part]
+                z_source = logits[s, torch.arange(len(s), device=device)]  # each position's own domain expert
+                for t in targets:
+                    chosen = (s != t).nonzero().squeeze(1)  # the source positions of target t
+                    if len(chosen) == 0:
+                        continue
+                    decision = decode(logits[t][chosen], z_source[chosen], logits[0][chosen], domains.range(t), rule)
+                    at = flat[part][chosen.cpu().numpy()]
+                    results[t][0][at] = decision.items.cpu().numpy()
+                    results[t][1][at] = decision.convertible.cpu().numpy()
         first_row += len(batch.users)
-    return new_items, convertible
+    return results
 
 
 def postprocess(rows: SequenceRows, new_items: np.ndarray) -> SequenceRows:
@@ -153,10 +169,15 @@ def summarise(rows: SequenceRows, domains: DomainRanges, target: int, new_items:
     return report, mapping
 
 
-def regenerate(rows: SequenceRows, domains: DomainRanges, target: int, base: TaesarDecoder,
-               experts: dict[int, TaesarDecoder], rule: DecodingRule, **options) -> Regeneration:
-    """Decode, post-process and summarise the rows of a mixed training split for target domain `target`."""
-    new_items, convertible = decode_rows(rows, domains, target, base, experts, rule, **options)
-    regenerated = postprocess(rows, new_items)
-    report, mapping = summarise(rows, domains, target, new_items, convertible, regenerated)
-    return Regeneration(regenerated, new_items, report, mapping)
+def regenerate(rows: SequenceRows, domains: DomainRanges, targets: int | list[int], base: TaesarDecoder,
+               experts: dict[int, TaesarDecoder], rule: DecodingRule, **options):
+    """Decode, post-process and summarise the rows of a mixed training split for one target domain
+    (an int: returns its Regeneration) or several (a list: returns them by target), in one pass."""
+    several = isinstance(targets, (list, tuple))
+    decided = decode_rows(rows, domains, list(targets) if several else [targets], base, experts, rule, **options)
+    results = {}
+    for target, (new_items, convertible) in decided.items():
+        regenerated = postprocess(rows, new_items)
+        report, mapping = summarise(rows, domains, target, new_items, convertible, regenerated)
+        results[target] = Regeneration(regenerated, new_items, report, mapping)
+    return results if several else results[targets]

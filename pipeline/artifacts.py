@@ -74,14 +74,17 @@ def other_settings(folder: Path, settings: dict, limit: int = 3) -> str:
 # --------------------------------------------------------------------------- prepared data
 
 
+ALL_DOMAINS = "all"  # decoding.py target_dom=all: every target domain in one pass
+
+
 def open_dataset(cfg: DictConfig) -> PreparedDataset:
     """The configured prepared dataset (`dataset.prepare.prepare_dataset` makes it), with `domains`
-    and `target_dom` checked against it."""
+    and `target_dom` checked against it (`all` is decoding.py's)."""
     dataset = PreparedDataset(project_path(cfg.data_path), cfg.dataset.name)
     n = dataset.domains.n_domains
     if cfg.get("domains") is not None and int(cfg.domains) != n:
         raise ConfigError(f"config key 'domains' is {cfg.domains} but dataset {dataset.name} has {n} domains")
-    if cfg.get("target_dom") is not None:
+    if cfg.get("target_dom") is not None and not (cfg.target_dom == ALL_DOMAINS and cfg.get("stage") == "dec"):
         try:
             dataset.domains.index(cfg.target_dom)
         except ValueError as error:
@@ -257,11 +260,11 @@ class Regenerated:
 def regenerated(cfg: DictConfig, target_dom: str | None = None) -> Regenerated:
     """Where decoding writes the regenerated file of `target_dom` (default: cfg.target_dom) for this
     configuration: keyed by the Stage I checkpoints it decodes with and the decoding options (not the
-    batch or chunk sizes, which only change speed)."""
+    batch size or the memory budget, which only change speed)."""
     target_dom = target_dom or cfg.target_dom
     stage1 = stage1_paths(cfg)
     decoding = {k: v for k, v in OmegaConf.to_container(cfg.decoding, resolve=True).items()
-                if k not in ("batch_size", "positions_per_chunk")}
+                if k not in ("batch_size", "memory_gb")}
     # Stage I's settings in full (not its folder's name), so that settings.json says what they were.
     settings = {"stage1": {"base": stage1.base_settings, "expert": stage1.expert_settings},
                 "decoding": decoding, "MAX_ITEM_LIST_LENGTH": cfg.MAX_ITEM_LIST_LENGTH}

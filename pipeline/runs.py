@@ -60,6 +60,7 @@ class RunLogger:
             return
         import wandb
 
+        run_dir.mkdir(parents=True, exist_ok=True)  # wandb writes below it
         self.run = wandb.init(
             project=cfg.logger.project,
             entity=cfg.logger.entity,

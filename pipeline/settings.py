@@ -113,7 +113,7 @@ class DecodingSettings:
     local_scores: bool
     reference_shift: bool
     batch_size: int = field(metadata=at_least(1))
-    positions_per_chunk: int = field(metadata=at_least(1))
+    memory_gb: float = field(metadata=above(0))
 
 
 @dataclass(kw_only=True)

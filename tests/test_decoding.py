@@ -112,7 +112,7 @@ def test_fast_decoder_equals_the_plain_one(trained, name):
     for target in (1, 3):
         # Small batches and chunks, so that batching and chunking are exercised too.
         fast = regenerate(rows, dataset.domains, target, models["full"], experts, RULES[name], max_len=64,
-                          batch_size=7, positions_per_chunk=13).rows
+                          batch_size=7, chunk=13).rows
         plain = reference_regenerate(rows, dataset.domains, target, models["full"], experts, RULES[name])
         assert [(int(u), fast.sequence(r).tolist()) for r, u in enumerate(fast.users)] == plain
 
@@ -222,3 +222,48 @@ def test_decoding_batch_size_does_not_change_which_checkpoints_are_used(trained)
     # The official command decodes with train_batch_size=32 whatever Stage I trained with.
     report = run_decoding(decoding_config(trained, "train_batch_size=5", "target_dom=dom3"))
     assert report["target_dom"] == "dom3"
+
+
+def test_all_target_domains_in_one_pass_write_the_files_of_one_run_per_domain(trained, tmp_path):
+    """target_dom=all encodes each row once per model and decodes every domain from those states;
+    its files are, byte for byte, those of decoding.py target_dom=domD run for each D."""
+    one_by_one = {}
+    for dom in ("dom1", "dom2", "dom3"):
+        cfg = decoding_config(trained, f"target_dom={dom}", f"regenerated_dir={tmp_path}/single")
+        run_decoding(cfg)
+        output = regenerated(cfg)
+        one_by_one[dom] = {p.name: p.read_bytes() for p in output.folder.glob(f"TINY.2025.{dom}.train.*")}
+    cfg = decoding_config(trained, "target_dom=all", f"regenerated_dir={tmp_path}/all")
+    metrics = run_decoding(cfg)
+    assert set(metrics["reports"]) == {"dom1", "dom2", "dom3"}
+    for dom, files in one_by_one.items():
+        output = regenerated(cfg, dom)
+        mine = {p.name: p.read_bytes() for p in output.folder.glob(f"TINY.2025.{dom}.train.*")}
+        manifest = f"TINY.2025.{dom}.train.manifest.json"
+        assert {k: v for k, v in mine.items() if k != manifest} == {k: v for k, v in files.items() if k != manifest}
+        # the manifests differ only in where the file was written
+        ours, theirs = json.loads(mine[manifest]), json.loads(files[manifest])
+        assert ours.pop("output")["sha256"] == theirs.pop("output")["sha256"] and ours == theirs
+        assert metrics["reports"][dom]["file"] == str(output.inter)
+    # and a second call reuses every file
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "all").rglob("*.inter")}
+    run_decoding(cfg)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "all").rglob("*.inter")} == stamps
+
+
+def test_decisions_do_not_depend_on_the_chunks_or_the_targets_asked_for(trained):
+    from model.regeneration import decode_rows, positions_per_chunk
+
+    cfg = decoding_config(trained)
+    dataset = PreparedDataset(project_path(cfg.data_path), "TINY")
+    models = load_stage1(cfg, dataset, torch.device("cpu"))
+    experts = {d: models[f"dom{d}"] for d in (1, 2, 3)}
+    rows = dataset.rows("full.train").take(range(30))
+    together = decode_rows(rows, dataset.domains, [1, 2, 3], models["full"], experts, DecodingRule(), max_len=64,
+                           batch_size=8, chunk=50)
+    for target in (1, 2, 3):
+        alone = decode_rows(rows, dataset.domains, [target], models["full"], experts, DecodingRule(), max_len=64,
+                            batch_size=8, chunk=50)[target]
+        assert all(np.array_equal(a, b) for a, b in zip(alone, together[target]))
+    # a memory budget sizes the chunks: 2 GB hold many positions of 110 items, a tiny budget one
+    assert positions_per_chunk(2.0, 110, 4) > 10_000 and positions_per_chunk(1e-9, 110, 4) == 1

@@ -29,7 +29,7 @@ def test_report_on_tiny_data_is_complete_and_resumable(tmp_path):
     assert all(0.0 <= r["converted"] <= 1.0 for r in selectivity)
     assert (out / "selectivity.png").read_bytes().startswith(b"\x89PNG")
     stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("metrics.json")}
-    assert len(stamps) == 1 + 1 + 3 + 2 * (1 + 1 + 1)  # stage I, stage II, table 2; per setting I, II, III
+    assert len(stamps) == 1 + 1 + 3 + 2 * (1 + 1 + 1)  # stage I, stage II (all domains), table 2; per setting I, II, III
     assert main(argv) == text  # nothing run again, the same report
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("metrics.json")} == stamps
     # collect-only with more seeds: the missing seed's runs are not made, the table has what exists
