@@ -5,7 +5,7 @@ synthetic dataset.
     python benchmarks/baseline_throughput.py --models ABXI --datasets acdt --batches 20 --device cuda
 
 Each (model, dataset) pair runs in its own spawned child process, so that the peak RSS it reports
-is that training's own (`getrusage(RUSAGE_SELF)` in the child): the model at its official size
+is that training's own (the child's VmHWM, `pipeline.resources.peak_rss_bytes`): the model at its official size
 (config/model/*.yaml), Adam, batches of 128 `full.train` rows in the order of an epoch, one
 warm-up batch, then `--batches` timed training steps (forward, backward, update). Prints one
 markdown table row per pair.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import resource
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -23,6 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+
+from pipeline.resources import peak_rss_bytes  # noqa: E402
 
 MODELS = ("ABXI", "CGRec", "SyNCRec")
 DATASETS = {"acdt": "ACDT", "best": "SYN_BEST"}
@@ -69,7 +70,7 @@ def _train(model_name: str, dataset_name: str, batches: int, device: str) -> tup
         if step:  # the first batch warms up
             seconds += time.perf_counter() - started
             rows += len(batch.users)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    peak = peak_rss_bytes() / 1e9
     gpu = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else 0.0
     return seconds, rows, peak, gpu
 

@@ -1,14 +1,14 @@
-"""Time and memory of the data preparation on Amazon-shaped synthetic raw files.
+"""Time and memory of the data preparation on raw files shaped like Amazon 2018.
 
     python benchmarks/prepare_benchmark.py --rows 10000000
     python benchmarks/prepare_benchmark.py --rows 94000000 --workdir /tmp/bench --keep
 
-Generates `--rows` raw rows shaped like the paper's four Amazon 2018 categories
-(`dataset.synthetic.AMAZON_SCALE_RAW`, scaled: Books ~54% of the rows,
-Electronics ~22%, Sports ~14%, Tools ~10%), then runs `dataset.prepare.prepare_files`
-in a child process, so that its peak RSS is the child's own
-(`getrusage(RUSAGE_CHILDREN)`), not the generator's. Prints one markdown table row
-per run, ready for `benchmarks/README.md`.
+Generates `--rows` raw rows over four files shaped like the paper's Amazon 2018 categories in rows,
+distinct users (from one shared pool) and items (`dataset.amazon_shape.AMAZON_2018`, scaled), or,
+with `--shape planted`, the planted-structure generator's `AMAZON_SCALE_RAW` (Amazon-like row
+counts, far fewer distinct users: an easier input). Then runs `dataset.prepare.prepare_files` in a
+spawned child process, so that its peak RSS is the child's own (its VmHWM: `getrusage` would
+count the generator's memory too, which a forked child holds until its exec). Prints one markdown table row per run, ready for `benchmarks/README.md`.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import multiprocessing
 import platform
-import resource
 import shutil
 import sys
 import tempfile
@@ -27,8 +26,11 @@ from pathlib import Path
 # Runnable as a file from anywhere: the repo root holds the `dataset` package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dataset.amazon_shape import AMAZON_2018  # noqa: E402
+from dataset.amazon_shape import generate as generate_amazon_shaped  # noqa: E402
 from dataset.prepare import prepare_files  # noqa: E402
 from dataset.synthetic import AMAZON_SCALE_RAW, SyntheticConfig, expected_rows, generate_raw  # noqa: E402
+from pipeline.resources import peak_rss_bytes  # noqa: E402
 
 NAME = "BENCH"
 COLUMNS = (
@@ -62,10 +64,10 @@ def scaled_config(rows: int, n_domains: int, seed: int) -> SyntheticConfig:
     )
 
 
-def _timed_prepare(raw_files: list[Path], out_dir: Path) -> tuple[float, dict]:
+def _timed_prepare(raw_files: list[Path], out_dir: Path) -> tuple[float, dict, float]:
     started = time.perf_counter()
     summary = prepare_files(raw_files, out_dir, NAME)
-    return time.perf_counter() - started, summary
+    return time.perf_counter() - started, summary, peak_rss_bytes() / 1e9
 
 
 def _data_rows(path: Path) -> int:
@@ -74,20 +76,18 @@ def _data_rows(path: Path) -> int:
         return sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 24), b"")) - 1
 
 
-def _peak_gb(who: int) -> float:
-    return resource.getrusage(who).ru_maxrss * 1024 / 1e9  # Linux reports KiB
-
-
-def run(rows: int, n_domains: int, workdir: Path, seed: int = 0) -> dict:
-    config = scaled_config(rows, n_domains, seed)
+def run(rows: int, n_domains: int, workdir: Path, seed: int = 0, shape: str = "amazon") -> dict:
     started = time.perf_counter()
-    raw_files = generate_raw(workdir / "raw", config, progress=True)
+    if shape == "amazon":
+        raw_files = generate_amazon_shaped(workdir / "raw", AMAZON_2018.scaled(rows), seed)
+    else:
+        raw_files = generate_raw(workdir / "raw", scaled_config(rows, n_domains, seed), progress=True)
     generate_s = time.perf_counter() - started
-    generate_peak = _peak_gb(resource.RUSAGE_SELF)
+    generate_peak = peak_rss_bytes() / 1e9
     # A fresh interpreter (spawn, not fork) so the child's peak RSS starts from zero
     # rather than from a copy of the generator's address space.
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        prepare_s, summary = pool.submit(_timed_prepare, raw_files, workdir / NAME).result()
+        prepare_s, summary, prepare_peak = pool.submit(_timed_prepare, raw_files, workdir / NAME).result()
     rows_per_domain = [_data_rows(p) for p in raw_files]
     return {
         "raw rows": sum(rows_per_domain),
@@ -96,7 +96,7 @@ def run(rows: int, n_domains: int, workdir: Path, seed: int = 0) -> dict:
         "generate s": generate_s,
         "generate peak GB": generate_peak,
         "prepare s": prepare_s,
-        "prepare peak GB": _peak_gb(resource.RUSAGE_CHILDREN),
+        "prepare peak GB": prepare_peak,
         "users": summary["users"],
         "items": summary["items"],
         "interactions": summary["interactions"],
@@ -117,12 +117,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, help="where raw and prepared files go (default: a new temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the raw and prepared files")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shape", choices=("amazon", "planted"), default="amazon",
+                        help="amazon: dataset/amazon_shape.py, Amazon 2018's users, items and rows per file "
+                             "(four domains); planted: dataset/synthetic.py's AMAZON_SCALE_RAW (few users per file)")
     args = parser.parse_args(argv)
+    if args.shape == "amazon" and args.domains != len(AMAZON_2018.rows):
+        parser.error(f"--shape amazon has {len(AMAZON_2018.rows)} domains; --domains is for --shape planted")
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="prepare-benchmark-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        result = run(args.rows, args.domains, workdir, args.seed)
+        result = run(args.rows, args.domains, workdir, args.seed, args.shape)
     finally:
         if not args.keep:
             # Only what this script wrote: --workdir may hold other things.

@@ -24,7 +24,6 @@ from pathlib import Path
 import hydra
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
@@ -35,7 +34,7 @@ from data.fingerprints import file_digest
 from pipeline.schema import describe_differences
 from data.paths import project_path
 from dataset.preprocess import Interactions, align, build_splits, drop_duplicate_rows, sort_and_cut
-from dataset.raw import read_raw_domain
+from dataset.raw import file_users, read_kept_rows, users_present
 
 log = logging.getLogger(__name__)
 # Name parts of the folders beside DATA_PATH/NAME/ that a preparation works in.
@@ -75,50 +74,36 @@ def prepare_files(
             raise DataError(f"dataset {name!r}: {setting} must be a positive integer, got {value}")
 
     started = time.perf_counter()
-    raws = [read_raw_domain(p) for p in tqdm(raw_files, desc="reading raw files", disable=not progress)]
+    # Pass 1: the users in every file. Users missing from a domain can never survive the alignment,
+    # so only they go on (dropping the others before deduplication, which is row-local, changes
+    # nothing but the cost). The smallest file's users are the first candidates, so memory follows
+    # them rather than the largest file's; the set, not its order, decides the output.
+    # (A missing file sorts first, so that its error comes before any reading.)
+    by_size = sorted(range(k), key=lambda d: (raw_files[d].stat().st_size if raw_files[d].is_file() else -1, d))
+    common, raw_rows = None, [0] * k
+    for d in tqdm(by_size, desc="reading users", disable=not progress):
+        if common is None:
+            common, raw_rows[d] = file_users(raw_files[d])
+            log.info("%s: %d rows, %d users", raw_files[d].name, raw_rows[d], len(common))
+        else:
+            present, raw_rows[d] = users_present(raw_files[d], common)
+            common = common.filter(pa.array(present))
+            log.info("%s: %d rows; %d users so far in every file read", raw_files[d].name, raw_rows[d], len(common))
+        if raw_rows[d] == 0:
+            raise DataError(f"{raw_files[d]}: domain {domain_names[d]!r} has no interactions")
     raw_records = raw_records or [raw_record(p) for p in raw_files]
-    for raw, dom_name in zip(raws, domain_names):
-        log.info("%s: %d rows, %d users, %d items", raw.path.name, len(raw), len(raw.user_tokens), len(raw.item_tokens))
-        if len(raw) == 0:
-            raise DataError(f"{raw.path}: domain {dom_name!r} has no interactions")
-
-    # One user code space across domains (users are shared by token); each
-    # domain's items get their own block of codes.
-    user_tokens = pc.unique(pa.concat_arrays([r.user_tokens for r in raws]))
-    n_users = len(user_tokens)
-    user_maps = [pc.index_in(r.user_tokens, user_tokens).to_numpy().astype(np.int64) for r in raws]
-    item_offsets = np.concatenate([[0], np.cumsum([len(r.item_tokens) for r in raws])])
-    raw_rows = [len(r) for r in raws]
-    row_offsets = np.concatenate([[0], np.cumsum(raw_rows)])
-
-    # Users missing from a domain can never survive alignment, so dropping them
-    # first (before deduplication, which is row-local) changes nothing but the cost.
-    present = np.zeros((n_users, k), dtype=bool)
-    for d, (raw, user_map) in enumerate(zip(raws, user_maps)):
-        present[user_map, d] = True
-    in_every_domain = present.all(axis=1)
-    parts, ratings = [], []
-    for d, (raw, user_map) in enumerate(zip(raws, user_maps)):
-        user = user_map[raw.users]
-        keep = np.flatnonzero(in_every_domain[user])
-        parts.append(
-            Interactions(
-                user=user[keep],
-                item=raw.items[keep].astype(np.int64) + item_offsets[d],
-                time=raw.times[keep],
-                domain=np.full(len(keep), d, dtype=np.int64),
-                row=keep.astype(np.int64) + row_offsets[d],
-            )
-        )
-        ratings.append(raw.ratings[keep] if raw.ratings is not None else np.zeros(len(keep)))
-        # Only the kept rows go on; the full columns (gigabytes at Amazon scale) can go.
-        raw.users = raw.items = raw.times = raw.ratings = None
-    table = Interactions(*(np.concatenate([getattr(p, f) for p in parts]) for f in Interactions.__dataclass_fields__))
-    log.info("%d users appear in every domain; %d of their rows kept", in_every_domain.sum(), len(table))
-    if len(table) == 0:
+    if len(common) == 0:
         raise DataError(f"dataset {name!r}: no user appears in every domain ({', '.join(domain_names)})")
+    # Pass 2: their rows, one file at a time. Each domain's items get their own block of codes.
+    raws = [read_kept_rows(p, common, n) for p, n in zip(tqdm(raw_files, desc="reading rows", disable=not progress), raw_rows)]
+    n_users = len(common)
+    item_offsets = np.concatenate([[0], np.cumsum([len(r.item_tokens) for r in raws])])
+    row_offsets = np.concatenate([[0], np.cumsum(raw_rows)])
+    table, ratings = _kept_table(raws, item_offsets, row_offsets)
+    log.info("%d users appear in every domain; %d of their rows kept", n_users, len(table))
 
-    table = drop_duplicate_rows(table, np.concatenate(ratings))
+    table = drop_duplicate_rows(table, ratings)
+    del ratings
     with tqdm(total=4, desc="filtering and aligning", disable=not progress) as bar:
         for step in (
             lambda t: align(t, n_users, domain_names, user_core, item_core),
@@ -130,7 +115,7 @@ def prepare_files(
             bar.update()
 
     item_tokens, item_ids, domain_sizes = _number_items(table, raws, item_offsets)
-    user_ids = _number_users(table, user_tokens)
+    user_ids = _number_users(table, common)
     table_user = user_ids[table.user]
     order = np.lexsort((table.row, table.time, table_user))
     splits = build_splits(table_user[order], item_ids[table.item[order]], table.domain[order] + 1, k)
@@ -171,6 +156,39 @@ def prepare_files(
         name, time.perf_counter() - started, summary["users"], summary["items"], summary["interactions"], out_dir,
     )
     return summary
+
+
+def _kept_table(raws: list, item_offsets: np.ndarray, row_offsets: np.ndarray) -> tuple[Interactions, np.ndarray]:
+    """The kept rows of every file in one table (and their ratings), a column at a time.
+
+    Each file's column is released as soon as it is copied, so the peak is the kept rows plus
+    one column, not two copies of every column.
+    """
+    lengths = [len(raw) for raw in raws]
+
+    def column(field: str, dtype, shift=None) -> np.ndarray:
+        out = np.empty(sum(lengths), dtype)
+        at = 0
+        for d, raw in enumerate(raws):
+            values = getattr(raw, field)
+            out[at:at + len(values)] = values if shift is None else values.astype(dtype) + dtype(shift[d])
+            at += len(values)
+            setattr(raw, field, None)
+        return out
+
+    row_type = np.int32 if row_offsets[-1] < 2**31 else np.int64
+    item_type = np.int32 if item_offsets[-1] < 2**31 else np.int64
+    for raw in raws:  # a file without ratings: all of its rows rate the same
+        if raw.ratings is None:
+            raw.ratings = np.zeros(len(raw))
+    table = Interactions(
+        user=column("users", np.int32),
+        item=column("items", item_type, item_offsets),
+        time=column("times", np.float64),
+        domain=np.repeat(np.arange(len(raws), dtype=np.int8), lengths),
+        row=column("rows", row_type, row_offsets),
+    )
+    return table, column("ratings", np.float64)
 
 
 def _number_items(table: Interactions, raws, item_offsets) -> tuple[list[str], np.ndarray, list[int]]:

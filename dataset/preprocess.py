@@ -23,11 +23,13 @@ log = logging.getLogger(__name__)
 class Interactions:
     """Interactions of all domains, one entry per raw row still kept."""
 
-    user: np.ndarray  # int64 global user code
-    item: np.ndarray  # int64 global item code (domains own disjoint codes)
+    # Compact types: at Amazon scale tens of millions of rows reach the alignment, which copies the
+    # table at every round.
+    user: np.ndarray  # int32 global user code
+    item: np.ndarray  # int32 global item code (domains own disjoint codes)
     time: np.ndarray  # float64
-    domain: np.ndarray  # int64 domain index, 0-based
-    row: np.ndarray  # int64 position in the concatenation of the raw files D1..Dk
+    domain: np.ndarray  # int8 domain index, 0-based
+    row: np.ndarray  # int32 (int64 past 2^31 rows) position in the concatenation of the raw files D1..Dk
 
     def take(self, index) -> "Interactions":
         return Interactions(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
@@ -56,7 +58,7 @@ def drop_duplicate_rows(table: Interactions, ratings: np.ndarray) -> Interaction
 
 def users_in_every_domain(table: Interactions, n_users: int, n_domains: int) -> np.ndarray:
     """Boolean mask over user codes: the user has an interaction in every domain."""
-    present = np.bincount(table.user * n_domains + table.domain, minlength=n_users * n_domains) > 0
+    present = np.bincount(table.user.astype(np.int64) * n_domains + table.domain, minlength=n_users * n_domains) > 0
     return present.reshape(n_users, n_domains).all(axis=1)
 
 
@@ -64,7 +66,7 @@ def k_core(table: Interactions, n_users: int, n_domains: int, user_core: int, it
     """Iteratively drop rows until, in every domain, users and items have enough interactions."""
     n_items = int(table.item.max()) + 1 if len(table) else 0
     while len(table):
-        user_key = table.user * n_domains + table.domain
+        user_key = table.user.astype(np.int64) * n_domains + table.domain
         user_count = np.bincount(user_key, minlength=n_users * n_domains)
         item_count = np.bincount(table.item, minlength=n_items)
         keep = (user_count[user_key] >= user_core) & (item_count[table.item] >= item_core)

@@ -11,6 +11,7 @@ from data import DataError, DomainRanges, PreparedDataset, read_inter
 from data.fingerprints import file_digest
 from data.paths import PROJECT_ROOT
 from dataset.prepare import prepare_dataset, prepare_files
+from dataset.raw import file_users, read_kept_rows
 from pipeline.settings import compose
 from tests.helpers import RAW_HEADER, write_raw
 from tests.test_prepare import DOM1, DOM2, SETTINGS
@@ -85,6 +86,14 @@ def test_domain_left_empty_by_filtering(tmp_path):
 def test_domain_with_no_rows(tmp_path):
     with pytest.raises(DataError, match=r"D2\.inter: domain 'D2' has no interactions"):
         prepare_two(tmp_path, raw_text(DOM1), [])
+
+
+def test_a_raw_file_that_changes_between_the_passes(tmp_path):
+    path = write_raw(tmp_path / "D1.inter", DOM1)
+    users, lines = file_users(path)
+    for counted in (lines - 1, lines + 1):  # lines appended, or removed, after the first pass
+        with pytest.raises(DataError, match=r"D1\.inter: the file changed while it was read"):
+            read_kept_rows(path, users, counted)
 
 
 def test_empty_split(tmp_path):
