@@ -51,13 +51,13 @@ def computed_in(dtype: torch.dtype):
 
 
 def _as_float(name: str, z: torch.Tensor) -> torch.Tensor:
-    """Check one logits tensor and return it in float64.
+    """Check one logits tensor and return it in float64 (the precision whose decisions count).
 
     The transfer reward takes tiny differences of log-probabilities (log m - log p is about
     1e-5 where the base model and a source expert agree, next to log-probabilities of about
-    -7): in float32 its rounding error reaches 10% of beta and moves arg-maxes. float64 makes
-    the rule well-conditioned, so that the decision depends on the models, not on how the
-    positions were batched.
+    -7): written this way in float32 its rounding error reaches 10% of beta and moves
+    arg-maxes. `decode` gets float64's decisions at float32's cost otherwise (see the float32
+    section below).
     """
     if not isinstance(z, torch.Tensor) or not z.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {getattr(z, 'dtype', type(z))}")
@@ -206,6 +206,7 @@ def decode(
     z_mix: torch.Tensor | None,
     target_range: tuple[int, int],
     rule: DecodingRule = DecodingRule(),
+    certified_float32: bool = True,
 ) -> Decision:
     """Choose a target item, or deletion, for P source-item positions from logits (P, N).
 
@@ -219,6 +220,11 @@ def decode(
     order). With rule.reference_shift the chosen id becomes arg-max + 1 and replace/delete is decided
     on that id, for every position; convertibility stays on the unshifted arg-max.
     Rows are independent: callers may pass any chunk of positions.
+
+    The decisions are those of the rule in float64. With `certified_float32` (and float32 logits,
+    elementwise weights) the rule runs in float32 with an error bound per position, and only the
+    positions whose decision the bound cannot settle are decided again in float64 (see
+    `_scores_float32`): the same decisions at about half the cost.
     """
     if not isinstance(rule, DecodingRule):
         raise ValueError(f"rule must be a DecodingRule, got {type(rule).__name__}")
@@ -231,6 +237,15 @@ def decode(
             raise ValueError(f"{name} must be a (P, N) tensor, got {getattr(z, 'shape', type(z).__name__)}")
     _check_same_shape(**given)
     lo, hi = _check_range(target_range, z_target.shape[1])
+    if (certified_float32 and rule.weights == "elementwise" and _PRECISION[-1] == torch.float64
+            and all(z.dtype == torch.float32 for z in given.values())):
+        return _decode_certified(z_target, z_source, z_mix, (lo, hi), rule)
+    return _decode_in_precision(z_target, z_source, z_mix, (lo, hi), rule)
+
+
+def _decode_in_precision(z_target, z_source, z_mix, target_range: tuple[int, int], rule: DecodingRule) -> Decision:
+    """`decode` with the rule computed in the current precision (float64 unless `computed_in` says)."""
+    lo, hi = target_range
     R_T = slice(lo - 1, hi - 1)  # the columns of the target items
     shift = 1 if rule.reference_shift else 0
 
@@ -256,3 +271,184 @@ def decode(
         del G
         items = items + shift
     return Decision(items=torch.where(in_range(items, (lo, hi)), items, 0), convertible=convertible)
+
+
+# --------------------------------------------------------------------------- float32 with float64's decisions
+#
+# The rule's scores S(v) = (1 + alpha(v)) z_target(v) - beta(v) z_source(v) are computed in float32,
+# and with them a bound delta per position on |S32(v) - S(v)| over every column v (S exact). A
+# decision taken on S32 (an arg-max, or which side of R_T the arg-max lies) is float64's whenever
+# the two candidates it chose between differ by more than 2 delta: then the exact scores, and the
+# float64 ones (whose own error is 2^29 times smaller), order them the same way and cannot tie.
+# The positions left are decided again in float64.
+#
+# The bound is first order in the unit roundoff u = 2^-24, with exp, log and log1p accurate to F
+# ulps (relative error <= 2 F u). For one distribution p = softmax(z) over C columns, with
+# d = z - max z <= 0 and the row sum s of exp(d) in float32 partial sums of 16 terms (each
+# within 15 u) added in float64:
+#   relerr(s) <= u R,  R = log C + 2F + 2 + 15   (the terms' own errors: a p-weighted mean of
+#                                                 relerr(exp d) <= u (|d| + 2F), E_p|d| <= log C)
+#   relerr(p(v)) <= u (|d(v)| + R + 1),   |err log p(v)| <= u (2 |log p(v)| + K),  K = R + 2F log C,
+# using |d(v)| <= |log p(v)|. Domain confidence: H(v) = -p log(p + EPS) errs by at most u K_H,
+#   K_H = 4/e^2 + (R + 2F + 4)/e + R + 3
+# (p (x + R') (1 + x) + ... with x = -log p, and max x^k e^-x = (k/e)^k), and as
+# D = 1 - max H + EPS >= 1 - 1/e and alpha <= 1 / (1 - 1/e) = 1.582, alpha errs by at most
+#   u A,  A = (2.582 K_H + 4.2) / 0.632 + 1.6,
+# so the first term of S errs by at most u max|z_target| (A + 6).
+#
+# Transfer reward: B = 2 log m - log p_mix - log p_source is computed as 2 log cosh(t / 2) with
+# t = log p_source - log p_mix = (z_source - z_mix) - (lse_source - lse_mix), the same number
+# without the cancellation that makes the textbook form lose all its digits where the two models
+# agree (there B ~ t^2 / 4, next to log-probabilities of ~ -10); log cosh x = log1p(2 sinh(x/2)^2).
+# With c = lse_source - lse_mix, each lse erring by at most u (|lse| + K):
+#   |err t| <= u (2 |t| + E_t),  E_t = 2 |c| + |lse_mix| + |lse_source| + K_mix + K_source,
+#   |err B| <= min(1, |t|/2) |err t| + (6F + 2) u B     (|d/dt 2 log cosh(t/2)| = |tanh(t/2)|),
+# and since min(1, |t|/2) |t| <= 2.31 B and min(1, |t|/2) <= sqrt(1.155 B), the product
+# J = m B / 2, m = (p_mix + p_source) / 2 (relative error <= u (M + R + 2), M the row's largest
+# -log p of either model), errs by at most
+#   e_J = u (J_max (M + R + 6F + 11) + 0.76 E_t sqrt(m_max J_max)),
+# with m_max <= (max p_mix + max p_source) / 2. beta = J / (J_max + EPS) errs by at most
+#   e_beta = 2 e_J / (J_max + EPS - e_J) + 2u   (unbounded, so undecided, when J_max is that small),
+# and the second term of S by (e_beta + 2u) max|z_source|. delta is twice the sum: a margin for the
+# second-order terms and for kernels less accurate than assumed. tests/test_contrastive.py checks
+# |S32 - S64| <= delta, also on logits built to make beta ill-conditioned.
+
+_U32 = 2.0 ** -24
+_FUNCTION_ULPS = 4  # accuracy assumed of float32 exp, log, log1p: torch's kernels are within 1 to 2 ulp
+_SAFETY = 2.0
+
+
+class _Distribution(NamedTuple):
+    p: torch.Tensor  # (P, C) softmax
+    lse: torch.Tensor  # (P, 1) log-sum-exp of the logits
+    K: torch.Tensor  # (P, 1) |err lse| <= u (|lse| + K), |err log p| <= u (2 |log p| + K)
+    R: torch.Tensor  # (P, 1) relerr(row sum) / u
+    max_surprise: torch.Tensor  # (P, 1) max over columns of -log p
+    abs_max: torch.Tensor  # (P, 1) max |z|
+    p_max: torch.Tensor  # (P, 1)
+
+
+_PARTIAL = 16  # terms per float32 partial sum in `_row_sum`
+
+
+def _row_sum(e: torch.Tensor) -> torch.Tensor:
+    """(P, 1) float64 sums of the non-negative rows of e (P, C), with relative error <= (_PARTIAL - 1) u.
+
+    Partial sums of 16 neighbours in float32 (each errs by at most 15 u, in any order of addition),
+    then their sum in float64: a bound that does not grow with C, at a tenth of the cost of
+    summing everything in float64 (which casts the whole tensor first).
+    """
+    P, C = e.shape
+    whole = C - C % _PARTIAL
+    sums = e[:, :whole].reshape(P, whole // _PARTIAL, _PARTIAL).sum(dim=-1).sum(dim=-1, keepdim=True, dtype=torch.float64)
+    return sums + e[:, whole:].sum(dim=-1, keepdim=True, dtype=torch.float64)
+
+
+def _distribution32(z: torch.Tensor) -> _Distribution:
+    top, bottom = z.amax(dim=-1, keepdim=True), z.amin(dim=-1, keepdim=True)
+    e = (z - top).exp_()
+    log_s = _row_sum(e).log().to(torch.float32)
+    log_C = math.log(z.shape[-1]) if z.shape[-1] > 1 else 0.0
+    R = torch.full_like(log_s, log_C + 2 * _FUNCTION_ULPS + 2 + (_PARTIAL - 1))
+    p_max = torch.exp(-log_s)
+    return _Distribution(p=e.mul_(p_max), lse=top + log_s, K=R + 2 * _FUNCTION_ULPS * log_C, R=R,
+                         max_surprise=log_s + (top - bottom), abs_max=torch.maximum(top.abs(), bottom.abs()),
+                         p_max=p_max)
+
+
+def _scores_float32(z_target: torch.Tensor, z_source: torch.Tensor | None, z_mix: torch.Tensor | None,
+                    source_experts: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S32 (P, C), delta (P,)): the elementwise rule's scores in float32 and the bound above on their error."""
+    u, F = _U32, _FUNCTION_ULPS
+    target = _distribution32(z_target)
+    H = torch.log(target.p + EPS).mul_(target.p).neg_()
+    denominator = 1 - H.amax(dim=-1, keepdim=True) + EPS
+    scores = H.neg_().add_(1).div_(denominator).add_(1).mul_(z_target)  # (1 + alpha) z_target
+    K_H = 4 / math.e**2 + (target.R + 2 * F + 4) / math.e + target.R + 3
+    error = u * target.abs_max * ((2.582 * K_H + 4.2) / 0.632 + 1.6 + 6)
+    if source_experts:
+        mix, source = _distribution32(z_mix), _distribution32(z_source)
+        c = source.lse - mix.lse
+        half_t = (z_source - z_mix).sub_(c).mul_(0.5).abs_()
+        # J = m log cosh(t/2) (= m B / 2); past |t/2| = 80 sinh overflows and log cosh x = |x| - log 2
+        J = torch.where(half_t > 80, half_t - LOG2, half_t.clamp(max=80).mul_(0.5).sinh_().square_().mul_(2).log1p_())
+        J.mul_(mix.p.add_(source.p)).mul_(0.5)
+        del half_t
+        J_max = J.amax(dim=-1, keepdim=True)
+        scores.sub_(J.div_(J_max + EPS).mul_(z_source))
+        R = torch.maximum(mix.R, source.R)
+        M = torch.maximum(mix.max_surprise, source.max_surprise)
+        E_t = 2 * c.abs() + mix.lse.abs() + source.lse.abs() + mix.K + source.K
+        m_max = (mix.p_max + source.p_max) / 2
+        e_J = u * (J_max * (M + R + 6 * F + 11) + 0.76 * E_t * torch.sqrt(m_max * J_max))
+        room = J_max + EPS - e_J
+        e_beta = torch.where(room > 0, 2 * e_J / room.clamp_min(EPS), math.inf) + 2 * u
+        error = error + (e_beta + 2 * u) * source.abs_max
+
+    return scores, (_SAFETY * error).squeeze(-1)
+
+
+def _top_two(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(arg-max (first maximum), best, second best) per row of (P, C); second is -inf when C == 1."""
+    best, at = scores.max(dim=-1)
+    if scores.shape[-1] == 1:
+        return at, best, torch.full_like(best, -math.inf)
+    return at, best, scores.topk(2, dim=-1, sorted=True).values[:, 1]
+
+
+def _apart(best: torch.Tensor, second: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Whether two float32 scores are ordered as their exact values are (False on NaN)."""
+    # 4 u |best| covers the rounding of the difference itself
+    return (best - second) > 2 * delta + 4 * _U32 * best.abs()
+
+
+def _max_outside(scores: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Max per row over the columns outside R_T = ids [lo, hi); -inf where there are none."""
+    parts = [part.amax(dim=-1) for part in (scores[:, : lo - 1], scores[:, hi - 1:]) if part.shape[-1]]
+    if not parts:
+        return torch.full((scores.shape[0],), -math.inf, dtype=scores.dtype, device=scores.device)
+    return parts[0] if len(parts) == 1 else torch.maximum(*parts)
+
+
+def _decode_certified(z_target, z_source, z_mix, target_range: tuple[int, int], rule: DecodingRule) -> Decision:
+    """`decode` in float32 where the error bound settles the decision, in float64 elsewhere."""
+    lo, hi = target_range
+    R_T = slice(lo - 1, hi - 1)
+    shift = 1 if rule.reference_shift else 0
+    inputs = (z_target, z_source if rule.source_experts else None, z_mix if rule.source_experts else None)
+
+    def local(rows) -> tuple[torch.Tensor, torch.Tensor]:
+        return _scores_float32(*(None if z is None else z[rows, R_T] for z in inputs), rule.source_experts)
+
+    if not rule.global_test:
+        L, delta = local(slice(None))
+        at, best, second = _top_two(L)
+        items = at + (lo + shift)
+        convertible = torch.ones(len(items), dtype=torch.bool, device=items.device)
+        settled = _apart(best, second, delta)
+    else:
+        G, delta = _scores_float32(*inputs, rule.source_experts)
+        best_in, best_out = G[:, R_T].amax(dim=-1), _max_outside(G, lo, hi)
+        convertible = best_in > best_out
+        settled = _apart(torch.maximum(best_in, best_out), torch.minimum(best_in, best_out), delta)
+        if rule.local_scores and convertible.any():
+            rows = convertible.nonzero().squeeze(1)
+            L, delta_L = local(rows)
+            G[rows, R_T] = L
+            delta[rows] = torch.maximum(delta[rows], delta_L)
+        # The arg-max itself matters where the item may be kept: at convertible positions, and at
+        # every one with the shift; elsewhere it lies outside R_T and the item is deleted.
+        items = torch.zeros(len(G), dtype=torch.long, device=G.device)
+        need = (convertible | bool(shift)).nonzero().squeeze(1)
+        if len(need):
+            at, best, second = _top_two(G[need])
+            settled[need] &= _apart(best, second, delta[need])
+            items[need] = at + (1 + shift)
+        del G
+    items = torch.where(in_range(items, (lo, hi)), items, 0)
+    unsettled = (~settled).nonzero().squeeze(1)
+    if len(unsettled):
+        exact = _decode_in_precision(*(None if z is None else z[unsettled] for z in (z_target, z_source, z_mix)),
+                                     target_range, rule)
+        items[unsettled], convertible[unsettled] = exact.items, exact.convertible
+    return Decision(items=items, convertible=convertible)

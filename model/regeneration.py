@@ -11,6 +11,7 @@ mapping) is vectorised over that array. File writing is the caller's business.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -46,7 +47,22 @@ def positions_per_chunk(memory_gb: float, n_items: int, n_models: int) -> int:
     return max(1, int(memory_gb * 1e9 // per_position))
 
 
+@contextlib.contextmanager
+def full_float32_matmuls():
+    """Logits in full float32 on a GPU too: TF32 (which a user may have turned on globally) rounds
+    the inputs of every matmul to 10 bits and so changes the logits the decisions are made on; no
+    test has shown the decisions unchanged with it, so it is off while decoding."""
+    cuda_matmul = torch.backends.cuda.matmul
+    before = cuda_matmul.allow_tf32
+    cuda_matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cuda_matmul.allow_tf32 = before
+
+
 @torch.no_grad()
+@full_float32_matmuls()
 def decode_rows(
     rows: SequenceRows,
     domains: DomainRanges,
@@ -61,6 +77,7 @@ def decode_rows(
     chunk: int | None = None,
     device: torch.device = torch.device("cpu"),
     progress: bool = False,
+    certified_float32: bool = True,
 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Decide every source item that has a history, for each target domain of `targets`.
 
@@ -72,7 +89,9 @@ def decode_rows(
     Each batch of rows is encoded once by every model, and every position with a next item is
     scored once by every model (the logits a target's decisions need: its expert's, the next
     item's own domain expert's and the base model's); the decisions of every target come from
-    those. Positions are scored in chunks sized from `memory_gb` (or `chunk` positions). The
+    those (by the rule in float32 where its error bound settles them, else in float64: the
+    decisions are float64's either way; `certified_float32=False` takes float64 throughout).
+    Positions are scored in chunks sized from `memory_gb` (or `chunk` positions). The
     chunks, and so every input of the rule, are the same whichever targets are asked for: one
     run for all targets writes the same decisions as one run per target.
     """
@@ -105,7 +124,8 @@ def decode_rows(
                     chosen = (s != t).nonzero().squeeze(1)  # the source positions of target t
                     if len(chosen) == 0:
                         continue
-                    decision = decode(logits[t][chosen], z_source[chosen], logits[0][chosen], domains.range(t), rule)
+                    decision = decode(logits[t][chosen], z_source[chosen], logits[0][chosen], domains.range(t), rule,
+                                      certified_float32)
                     at = flat[part][chosen.cpu().numpy()]
                     results[t][0][at] = decision.items.cpu().numpy()
                     results[t][1][at] = decision.convertible.cpu().numpy()

@@ -3,9 +3,14 @@
 The target domain owns R_T = [4, 8) (items 4..7, columns 3..6); the other items are source items.
 Expected weights and scores come from the plain NumPy formulas below, written from the spec and
 independent of model/contrastive.py; expected decisions are stated by hand with the reason.
+
+Every test runs twice: once as written (float64 logits, the rule in float64), and once with the
+logits rounded to float32, where `decode` takes its certified float32 path; there every decision
+is also checked against the float64 rule on the same float32 logits.
 """
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -38,6 +43,25 @@ def logits(values: dict[int, float] | None = None, rest: float = 0.0, dtype=torc
     for item, value in (values or {}).items():
         z[0, item - 1] = value
     return z
+
+
+@pytest.fixture(autouse=True, params=["float64", "certified float32"])
+def precision(request, monkeypatch):
+    if request.param == "float64":
+        return
+    exact_decode = decode
+
+    def float32(z):
+        return z.float() if isinstance(z, torch.Tensor) and z.is_floating_point() else z
+
+    def certified_and_checked(z_target, z_source, z_mix, *args, **kwargs):
+        inputs = [float32(z) for z in (z_target, z_source, z_mix)]
+        got = exact_decode(*inputs, *args, **kwargs)
+        want = exact_decode(*inputs, *args, certified_float32=False, **kwargs)
+        assert torch.equal(got.items, want.items) and torch.equal(got.convertible, want.convertible)
+        return got
+
+    monkeypatch.setattr(sys.modules[__name__], "decode", certified_and_checked)
 
 
 def zeros() -> torch.Tensor:

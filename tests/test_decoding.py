@@ -267,3 +267,18 @@ def test_decisions_do_not_depend_on_the_chunks_or_the_targets_asked_for(trained)
         assert all(np.array_equal(a, b) for a, b in zip(alone, together[target]))
     # a memory budget sizes the chunks: 2 GB hold many positions of 110 items, a tiny budget one
     assert positions_per_chunk(2.0, 110, 4) > 10_000 and positions_per_chunk(1e-9, 110, 4) == 1
+
+
+def test_the_rule_in_float32_decides_as_in_float64_on_trained_models(trained):
+    from model.regeneration import decode_rows
+
+    cfg = decoding_config(trained)
+    dataset = PreparedDataset(project_path(cfg.data_path), "TINY")
+    models = load_stage1(cfg, dataset, torch.device("cpu"))
+    experts = {d: models[f"dom{d}"] for d in (1, 2, 3)}
+    rows = dataset.rows("full.train")
+    for rule in (DecodingRule(), DecodingRule(local_scores=False), DecodingRule(reference_shift=True)):
+        fast, exact = (decode_rows(rows, dataset.domains, [1, 2, 3], models["full"], experts, rule, max_len=64,
+                                   certified_float32=certified) for certified in (True, False))
+        for target in (1, 2, 3):
+            assert all(np.array_equal(a, b) for a, b in zip(fast[target], exact[target]))
