@@ -3,6 +3,7 @@
     python decoding.py -m stage=dec gpu_id=0 seed=2025 target_dom=dom1 train_batch_size=32
     python decoding.py target_dom=all                          # every target domain in one pass
     python decoding.py target_dom=dom4 experiment=wo_sde       # Table 3 ablations: wo_sde, wo_gcs, wo_lcs
+    torchrun --nproc_per_node=2 decoding.py target_dom=all     # the rows shared by 2 processes (GPUs or CPU)
 
 Loads M and the experts that `pretrain.py` wrote for the same settings, decodes
 every `full.train` row with teacher forcing on its original mixed prefix (rule:
@@ -10,7 +11,8 @@ every `full.train` row with teacher forcing on its original mixed prefix (rule:
 summary, the source -> target mapping and a manifest where
 `pipeline.artifacts.regenerated` says. `target_dom=all` encodes each row once per
 model and decodes every target domain from those states, writing the same files
-as one run per domain. A finished output is reused while the data and
+as one run per domain. Under torchrun each process decodes a contiguous share of
+the rows and rank 0 writes the same files as one process. A finished output is reused while the data and
 checkpoints it was made from are unchanged, unless overwrite=true.
 """
 from __future__ import annotations
@@ -25,14 +27,15 @@ from omegaconf import DictConfig, OmegaConf
 from data.regenerated import merge_training_rows
 from dataset.prepare import prepare_dataset
 from model.decoder import TaesarDecoder
-from model.regeneration import regenerate
+from model.regeneration import decode_rows, regenerations
 from pipeline.artifacts import (
     ALL_DOMAINS, checkpoint_meta, decoding_inputs, open_dataset, regenerated, stage1_checkpoints, stage1_inputs,
     stage1_paths,
 )
+from pipeline.distributed import World, gather_arrays, process_group
 from pipeline.runs import RunLogger, finish_run, run_folder, seed_everything, user_errors
 from pipeline.settings import decoder_config, decoding_rule, stage_settings, variant_name
-from trainer import check_meta, load_checkpoint, select_device
+from trainer import check_meta, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +57,37 @@ def load_stage1(cfg: DictConfig, dataset, device: torch.device) -> dict[str, Tae
     return models
 
 
+def _decode_sharded(cfg: DictConfig, dataset, rows, targets: list[int], rule, world: World):
+    """The regenerations of `targets` (by domain index) on rank 0, None elsewhere: each rank decodes
+    its contiguous share of the rows, and rank 0 joins the decisions in row order. Positions are
+    decided independently, so the joined decisions, and the files, are those of one process."""
+    domains = dataset.domains
+    device = world.device(cfg.gpu_id)
+    models = load_stage1(cfg, dataset, device)
+    shard = rows.take(world.shard(len(rows))) if world.size > 1 else rows
+    log.info("decoding %d of %d rows of %s into %s (%s) on %s%s", len(shard), len(rows), dataset.name,
+             ", ".join(domains.names[t - 1] for t in targets), variant_name(cfg), device,
+             f", rank {world.rank} of {world.size}" if world.size > 1 else "")
+    decided = decode_rows(
+        shard, domains, targets, models["full"], {d: models[f"dom{d}"] for d in range(1, domains.n_domains + 1)},
+        rule, max_len=cfg.MAX_ITEM_LIST_LENGTH, batch_size=cfg.decoding.batch_size,
+        memory_gb=cfg.decoding.memory_gb, device=device, progress=cfg.progress and world.is_main,
+    )
+    joined = gather_arrays(world, [array for t in targets for array in decided[t]])
+    if joined is None:
+        return None
+    return regenerations(rows, domains, {t: (joined[2 * i], joined[2 * i + 1]) for i, t in enumerate(targets)})
+
+
 def run_decoding(cfg: DictConfig) -> dict:
     """Write the regenerated training file of `target_dom` (or of every domain); returns its report
-    (with `target_dom=all`, the reports by domain)."""
+    (with `target_dom=all`, the reports by domain). Under torchrun the ranks share the rows and rank 0
+    writes; the other ranks return {}."""
+    with process_group() as world:
+        return _run_decoding(cfg, world)
+
+
+def _run_decoding(cfg: DictConfig, world: World) -> dict:
     stage_settings(cfg, "dec")
     rule = decoding_rule(cfg)
     prepare_dataset(cfg.dataset, cfg.data_path, progress=cfg.progress)  # reused when up to date
@@ -75,17 +106,10 @@ def run_decoding(cfg: DictConfig) -> dict:
     logger = None
     if todo:
         seed_everything(cfg.seed)
-        device = select_device(cfg.gpu_id)
         rows = dataset.rows("full.train")
-        models = load_stage1(cfg, dataset, device)
-        log.info("decoding %d rows of %s into %s (%s) on %s", len(rows), dataset.name, ", ".join(todo),
-                 variant_name(cfg), device)
-        results = regenerate(
-            rows, domains, [domains.index(dom) for dom in todo], models["full"],
-            {d: models[f"dom{d}"] for d in range(1, domains.n_domains + 1)}, rule,
-            max_len=cfg.MAX_ITEM_LIST_LENGTH, batch_size=cfg.decoding.batch_size,
-            memory_gb=cfg.decoding.memory_gb, device=device, progress=cfg.progress,
-        )
+        results = _decode_sharded(cfg, dataset, rows, [domains.index(dom) for dom in todo], rule, world)
+        if not world.is_main:
+            return {}
         for dom in todo:
             result = results[domains.index(dom)]
             original = dataset.rows(f"{dom}.train")
@@ -106,6 +130,8 @@ def run_decoding(cfg: DictConfig) -> dict:
             )
             reports[dom] = report
         logger = RunLogger(cfg, run_folder(cfg), job="decoding")
+    if not world.is_main:
+        return {}
     # metrics.json names each file and its seed: where later analysis finds them
     files = {dom: {**reports[dom], "seed": cfg.seed, "file": str(outputs[dom].inter)} for dom in targets}
     if cfg.target_dom != ALL_DOMAINS:

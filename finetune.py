@@ -27,9 +27,10 @@ from model.backbones import build_backbone
 from pipeline.artifacts import (
     decoding_inputs, finetune_checkpoint, missing_regenerated, open_dataset, regenerated, write_settings,
 )
+from pipeline.distributed import job_device
 from pipeline.runs import RunLogger, finish_run, run_folder, seed_everything, user_errors
 from pipeline.settings import rerun_command, stage_settings, train_config, variant_name
-from trainer import Evaluation, check_meta, evaluate, fit, load_checkpoint, resume_file, select_device
+from trainer import Evaluation, check_meta, evaluate, fit, load_checkpoint, resume_file
 
 log = logging.getLogger(__name__)
 # Keys only Stage III reads: left out of the decoding command a missing regenerated file asks for.
@@ -68,7 +69,7 @@ def run_finetune(cfg: DictConfig) -> dict:
     target_range = dataset.domains.range(cfg.target_dom)
     rows, source_record, source = training_rows(cfg, dataset)
     seed_everything(cfg.seed)
-    device = select_device(cfg.gpu_id)
+    device = job_device(cfg.gpu_id)
     params = OmegaConf.to_container(cfg.model, resolve=True)
     n_users = int(dataset.rows("full.test").users.max())  # every user has a test row
     model = build_backbone(cfg.model_name, dataset.domains.n_items, cfg.MAX_ITEM_LIST_LENGTH, params,

@@ -25,9 +25,10 @@ from dataset.prepare import prepare_dataset
 from model.decoder import TaesarDecoder
 from model.objectives import domain_specific_objective, next_item_objective, target_scores
 from pipeline.artifacts import checkpoint_meta, open_dataset, stage1_inputs, stage1_paths
+from pipeline.distributed import job_device
 from pipeline.runs import RunLogger, finish_run, run_folder, user_errors
 from pipeline.settings import decoder_config, expert_variant, stage_settings, train_config
-from trainer import Evaluation, check_meta, fit, load_checkpoint, resume_file, select_device
+from trainer import Evaluation, check_meta, fit, load_checkpoint, resume_file
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def run_pretrain(cfg: DictConfig) -> dict:
     variant = expert_variant(cfg)
     paths = stage1_paths(cfg)
     paths.write_settings()
-    device = select_device(cfg.gpu_id)
+    device = job_device(cfg.gpu_id)
     logger = RunLogger(cfg, run_folder(cfg), job="pretrain")
     log.info("Stage I on %s (%d items, %d domains), variant %s, device %s; checkpoints in %s",
              dataset.name, domains.n_items, domains.n_domains, variant, device, paths.expert_dir)

@@ -30,9 +30,10 @@ from cdsr_baseline.models import build_baseline, resolve_fidelity  # noqa: E402
 from data import SequenceLoader  # noqa: E402
 from dataset.prepare import prepare_dataset  # noqa: E402
 from pipeline.artifacts import baseline_checkpoint, baseline_inputs, open_dataset, write_settings  # noqa: E402
+from pipeline.distributed import job_device  # noqa: E402
 from pipeline.runs import RunLogger, finish_run, run_folder, seed_everything, user_errors  # noqa: E402
 from pipeline.settings import baseline_settings, train_config  # noqa: E402
-from trainer import Evaluation, check_meta, evaluate, fit, load_checkpoint, resume_file, select_device  # noqa: E402
+from trainer import Evaluation, check_meta, evaluate, fit, load_checkpoint, resume_file  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def run_baseline(cfg: DictConfig) -> dict:
     dataset = open_dataset(cfg)
     domains = dataset.domains
     seed_everything(cfg.seed)
-    device = select_device(cfg.gpu_id)
+    device = job_device(cfg.gpu_id)
     model = build_baseline(cfg.model.name, dataset, cfg.model,
                            sequences=user_sequences(dataset, cfg.MAX_ITEM_LIST_LENGTH)).to(device)
     checkpoint, settings = baseline_checkpoint(cfg)

@@ -189,15 +189,22 @@ def summarise(rows: SequenceRows, domains: DomainRanges, target: int, new_items:
     return report, mapping
 
 
+def regenerations(rows: SequenceRows, domains: DomainRanges,
+                  decided: dict[int, tuple[np.ndarray, np.ndarray]]) -> dict[int, Regeneration]:
+    """Post-process and summarise the decisions of `decode_rows` (by target) over all of `rows`."""
+    results = {}
+    for target, (new_items, convertible) in decided.items():
+        regenerated = postprocess(rows, new_items)
+        report, mapping = summarise(rows, domains, target, new_items, convertible, regenerated)
+        results[target] = Regeneration(regenerated, new_items, report, mapping)
+    return results
+
+
 def regenerate(rows: SequenceRows, domains: DomainRanges, targets: int | list[int], base: TaesarDecoder,
                experts: dict[int, TaesarDecoder], rule: DecodingRule, **options):
     """Decode, post-process and summarise the rows of a mixed training split for one target domain
     (an int: returns its Regeneration) or several (a list: returns them by target), in one pass."""
     several = isinstance(targets, (list, tuple))
     decided = decode_rows(rows, domains, list(targets) if several else [targets], base, experts, rule, **options)
-    results = {}
-    for target, (new_items, convertible) in decided.items():
-        regenerated = postprocess(rows, new_items)
-        report, mapping = summarise(rows, domains, target, new_items, convertible, regenerated)
-        results[target] = Regeneration(regenerated, new_items, report, mapping)
+    results = regenerations(rows, domains, decided)
     return results if several else results[targets]

@@ -8,6 +8,8 @@ the stage being run (`OFFICIAL_KEYS`).
 """
 from __future__ import annotations
 
+import os
+
 import dataclasses
 import hashlib
 from dataclasses import dataclass, field
@@ -35,6 +37,16 @@ def safe_dirname(overrides: str, limit: int = 120) -> str:
 
 # Registered on import, before Hydra composes the stage configs that use it.
 OmegaConf.register_new_resolver("safe_dirname", safe_dirname, replace=True)
+
+
+def rank_suffix() -> str:
+    """'' in a single process and on rank 0 of a torchrun launch, '-rankR' on the other ranks: each
+    rank's Hydra output (its log, its .hydra/) gets a folder of its own; only rank 0 writes run files."""
+    rank = os.environ.get("RANK", "0")
+    return "" if rank in ("", "0") else f"-rank{rank}"
+
+
+OmegaConf.register_new_resolver("rank_suffix", rank_suffix, replace=True)
 
 
 def compose(config_name: str, overrides: list[str]) -> DictConfig:

@@ -23,11 +23,22 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 
-wanted="$(sha256sum "$ROOT/requirements.txt" | cut -d' ' -f1)"
-if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$wanted" ]; then
+# EXTRA_REQUIREMENTS: more requirement files to install beside requirements.txt (test.sh adds the
+# optional cluster launchers, so that their configs are tested); run.sh needs none.
+REQUIREMENTS=("$ROOT/requirements.txt")
+for extra in ${EXTRA_REQUIREMENTS:-}; do
+    REQUIREMENTS+=("$ROOT/$extra")
+done
+wanted="$(cat "${REQUIREMENTS[@]}" | sha256sum | cut -d' ' -f1)"
+# the stamp holds one line per installed set, so that run.sh and test.sh do not undo each other
+if ! grep -qx "$wanted" "$STAMP" 2>/dev/null; then
     echo "installing the pinned requirements into $VENV (first use only)" >&2
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$ROOT/requirements.txt"
-    echo "$wanted" > "$STAMP"
+    args=()
+    for file in "${REQUIREMENTS[@]}"; do
+        args+=(-r "$file")
+    done
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${args[@]}"
+    echo "$wanted" >> "$STAMP"
 fi
 
 export PATH="$VENV/bin:$PATH"

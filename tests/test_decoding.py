@@ -282,3 +282,31 @@ def test_the_rule_in_float32_decides_as_in_float64_on_trained_models(trained):
                                    certified_float32=certified) for certified in (True, False))
         for target in (1, 2, 3):
             assert all(np.array_equal(a, b) for a, b in zip(fast[target], exact[target]))
+
+
+def test_torchrun_shards_the_rows_and_writes_the_files_of_one_process(trained, tmp_path):
+    """Two gloo processes under torchrun share the rows; rank 0 writes, byte for byte, what one process writes."""
+    import os
+    import subprocess
+    import sys
+
+    from data.paths import PROJECT_ROOT
+
+    single = decoding_config(trained, "target_dom=all", f"regenerated_dir={tmp_path}/single")
+    run_decoding(single)
+    overrides = ["stage=dec", "target_dom=all", *TRAINING, *tiny_overrides(trained),
+                 f"regenerated_dir={tmp_path}/sharded", f"hydra.run.dir={tmp_path}/hydra" + "${rank_suffix:}"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "decoding.py", *overrides], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 1 of 2" in done.stdout and "rank 0 of 2" in done.stdout  # both decoded a share
+    # rank 0 alone wrote the run files; rank 1's log has a folder of its own
+    assert (tmp_path / "hydra" / "metrics.json").is_file() and not (tmp_path / "hydra-rank1" / "metrics.json").exists()
+    assert (tmp_path / "hydra-rank1" / "decoding.log").is_file()
+    sharded = decoding_config(trained, "target_dom=all", f"regenerated_dir={tmp_path}/sharded")
+    for dom in ("dom1", "dom2", "dom3"):
+        ours, theirs = regenerated(sharded, dom), regenerated(single, dom)
+        for name in ("inter", "summary", "mapping"):
+            assert getattr(ours, name).read_bytes() == getattr(theirs, name).read_bytes()

@@ -1,0 +1,100 @@
+"""torch.distributed for the stage scripts, launched with torchrun (`torchrun --nproc_per_node=K decoding.py ...`).
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK in each process; without them a script runs as
+one process (rank 0 of 1) and nothing here starts a process group. NCCL on GPUs, gloo on CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """The process that writes checkpoints, output files, run files and wandb."""
+        return self.rank == 0
+
+    def shard(self, n: int) -> range:
+        """This rank's contiguous share of n items: ranks in order cover 0..n-1 once."""
+        return range(self.rank * n // self.size, (self.rank + 1) * n // self.size)
+
+    def device(self, gpu_id) -> torch.device:
+        """One GPU per process under torchrun (cuda:LOCAL_RANK), else `job_device(gpu_id)`."""
+        if self.size > 1 and torch.cuda.is_available():
+            return torch.device(f"cuda:{self.local_rank}")
+        return job_device(gpu_id)
+
+
+def job_device(gpu_id) -> torch.device:
+    """The device of this job: CUDA device `gpu_id` (the CPU without CUDA, or with gpu_id < 0), except
+    in a sweep run by the joblib launcher with several GPUs visible, where job n takes GPU
+    (gpu_id + n) mod count, so that parallel jobs spread over the GPUs instead of sharing one."""
+    from trainer import select_device
+
+    if torch.cuda.is_available() and torch.cuda.device_count() > 1 and gpu_id is not None and int(gpu_id) >= 0:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized() and "joblib" in str(HydraConfig.get().launcher.get("_target_", "")):
+            return select_device((int(gpu_id) + HydraConfig.get().job.num) % torch.cuda.device_count())
+    return select_device(gpu_id)
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    try:
+        return default if value is None else int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} must be an integer (torchrun sets it)") from None
+
+
+def current_world() -> World:
+    return World(_env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0))
+
+
+@contextlib.contextmanager
+def process_group():
+    """The world of this process; with WORLD_SIZE > 1 a process group lives for the block."""
+    world = current_world()
+    if world.size == 1 or dist.is_initialized():
+        yield world
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(world.local_rank)
+    dist.init_process_group(backend)
+    try:
+        yield world
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def gather_arrays(world: World, arrays: list[np.ndarray]) -> list[np.ndarray] | None:
+    """On rank 0, each array concatenated over the ranks in rank order; None on the other ranks."""
+    if world.size == 1:
+        return arrays
+    gathered = [None] * world.size if world.is_main else None
+    dist.gather_object(arrays, gathered, dst=0)
+    if not world.is_main:
+        return None
+    return [np.concatenate([part[i] for part in gathered]) for i in range(len(arrays))]
+
+
+def broadcast(world: World, value):
+    """Rank 0's `value` on every rank (any picklable object)."""
+    if world.size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
