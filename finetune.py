@@ -3,6 +3,7 @@
     python finetune.py -m stage=tun gpu_id=0 seed=2025 train_type=new target_dom=dom1
     python finetune.py train_type=sim target_dom=dom1 model_name=GRU4Rec trainer.finetune.epochs=50
     python finetune.py -m train_type=sim,new,full target_dom=dom1,dom2,dom3,dom4 model_name=SASRec,CL4SRec
+    torchrun --nproc_per_node=4 finetune.py train_type=new target_dom=dom1    # data-parallel over 4 processes
 
 Training rows by `train_type`: `sim` dom{d}.train, `new` the regenerated file
 that decoding.py wrote for the same settings (its location is computed from
@@ -27,7 +28,7 @@ from model.backbones import build_backbone
 from pipeline.artifacts import (
     decoding_inputs, finetune_checkpoint, missing_regenerated, open_dataset, regenerated, write_settings,
 )
-from pipeline.distributed import job_device
+from pipeline.distributed import World, process_group
 from pipeline.runs import RunLogger, finish_run, run_folder, seed_everything, user_errors
 from pipeline.settings import rerun_command, stage_settings, train_config, variant_name
 from trainer import Evaluation, check_meta, evaluate, fit, load_checkpoint, resume_file
@@ -61,7 +62,14 @@ def training_rows(cfg: DictConfig, dataset):
 
 
 def run_finetune(cfg: DictConfig) -> dict:
-    """Train, select on validation, test; returns the validation and test metrics."""
+    """Train, select on validation, test; returns the validation and test metrics. Under torchrun the
+    backbone trains data-parallel over the ranks (the batch size is the global one), validation and
+    test are computed over every rank's share, and rank 0 writes the checkpoint and run files."""
+    with process_group() as world:
+        return _run_finetune(cfg, world)
+
+
+def _run_finetune(cfg: DictConfig, world: World) -> dict:
     stage_settings(cfg, "tun")
     training = train_config(cfg, "finetune")
     prepare_dataset(cfg.dataset, cfg.data_path, progress=cfg.progress)  # reused when up to date
@@ -69,7 +77,7 @@ def run_finetune(cfg: DictConfig) -> dict:
     target_range = dataset.domains.range(cfg.target_dom)
     rows, source_record, source = training_rows(cfg, dataset)
     seed_everything(cfg.seed)
-    device = job_device(cfg.gpu_id)
+    device = world.device(cfg.gpu_id)
     params = OmegaConf.to_container(cfg.model, resolve=True)
     n_users = int(dataset.rows("full.test").users.max())  # every user has a test row
     model = build_backbone(cfg.model_name, dataset.domains.n_items, cfg.MAX_ITEM_LIST_LENGTH, params,
@@ -83,12 +91,14 @@ def run_finetune(cfg: DictConfig) -> dict:
     loss_range = None if cfg.train_type == "full" else target_range
 
     checkpoint, settings = finetune_checkpoint(cfg, source)
-    write_settings(checkpoint.parent, settings)
+    if world.is_main:
+        write_settings(checkpoint.parent, settings)
     meta = {"dataset": dataset.name, "n_items": dataset.domains.n_items, "model_name": cfg.model_name,
             "train_type": cfg.train_type, "target_dom": cfg.target_dom,
             "inputs": {"train": source_record, "valid": dataset.fingerprint(f"{cfg.target_dom}.valid"),
                        "item": dataset.fingerprint("item")}}
-    logger = RunLogger(cfg, run_folder(cfg), job=f"finetune-{cfg.model_name}-{cfg.train_type}-{cfg.target_dom}")
+    logger = (RunLogger(cfg, run_folder(cfg), job=f"finetune-{cfg.model_name}-{cfg.train_type}-{cfg.target_dom}")
+              if world.is_main else None)
     log.info("Stage III: %s on %s %s rows (%d, from %s), %s, device %s", cfg.model_name, cfg.train_type,
              cfg.target_dom, len(rows), source_record["path"], variant_name(cfg), device)
 
@@ -120,6 +130,8 @@ def run_finetune(cfg: DictConfig) -> dict:
                "variant": variant_name(cfg) if cfg.train_type == "new" else None,
                "valid": valid, "test": test, "checkpoint": str(checkpoint),
                "test_ranks": test_ranks}  # each test user's rank: what paired comparisons resample
+    if not world.is_main:
+        return metrics
     return finish_run(cfg, logger, metrics, {f"test/{k}": v for k, v in test.items()})
 
 

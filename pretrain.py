@@ -4,6 +4,7 @@
     python pretrain.py trainer.base.epochs=50 trainer.expert.epochs=5
     python pretrain.py experiment=wo_dsa        # Table 3: experts from scratch
     python pretrain.py experiment=dsa_wo_dsp    # Table 3: experts without DSP
+    torchrun --nproc_per_node=4 pretrain.py     # data-parallel over 4 processes (GPUs, or CPU with gloo)
 
 The base model M learns next-item prediction on the mixed `full.train` rows
 (validation: `full.valid`, all items; `trainer.base`). Each expert E_d starts
@@ -25,7 +26,7 @@ from dataset.prepare import prepare_dataset
 from model.decoder import TaesarDecoder
 from model.objectives import domain_specific_objective, next_item_objective, target_scores
 from pipeline.artifacts import checkpoint_meta, open_dataset, stage1_inputs, stage1_paths
-from pipeline.distributed import job_device
+from pipeline.distributed import World, process_group
 from pipeline.runs import RunLogger, finish_run, run_folder, user_errors
 from pipeline.settings import decoder_config, expert_variant, stage_settings, train_config
 from trainer import Evaluation, check_meta, fit, load_checkpoint, resume_file
@@ -34,7 +35,14 @@ log = logging.getLogger(__name__)
 
 
 def run_pretrain(cfg: DictConfig) -> dict:
-    """Train (or reuse) M and every expert; returns their validation metrics by role."""
+    """Train (or reuse) M and every expert; returns their validation metrics by role. Under torchrun
+    every model trains data-parallel over the ranks (the batch size is the global one) and rank 0
+    writes the checkpoints and run files."""
+    with process_group() as world:
+        return _run_pretrain(cfg, world)
+
+
+def _run_pretrain(cfg: DictConfig, world: World) -> dict:
     stage_settings(cfg, "run")
     base_training, expert_training = train_config(cfg, "base"), train_config(cfg, "expert")
     prepare_dataset(cfg.dataset, cfg.data_path, progress=cfg.progress)  # reused when up to date
@@ -43,11 +51,13 @@ def run_pretrain(cfg: DictConfig) -> dict:
     model_config = decoder_config(cfg, domains.n_items)
     variant = expert_variant(cfg)
     paths = stage1_paths(cfg)
-    paths.write_settings()
-    device = job_device(cfg.gpu_id)
-    logger = RunLogger(cfg, run_folder(cfg), job="pretrain")
-    log.info("Stage I on %s (%d items, %d domains), variant %s, device %s; checkpoints in %s",
-             dataset.name, domains.n_items, domains.n_domains, variant, device, paths.expert_dir)
+    if world.is_main:
+        paths.write_settings()
+    device = world.device(cfg.gpu_id)
+    logger = RunLogger(cfg, run_folder(cfg), job="pretrain") if world.is_main else None
+    log.info("Stage I on %s (%d items, %d domains), variant %s, device %s%s; checkpoints in %s",
+             dataset.name, domains.n_items, domains.n_domains, variant, device,
+             f", data-parallel rank {world.rank} of {world.size}" if world.size > 1 else "", paths.expert_dir)
 
     def loader(split, shuffle, batch_size):
         return SequenceLoader(dataset.rows(split), batch_size, cfg.MAX_ITEM_LIST_LENGTH, shuffle=shuffle, seed=cfg.seed)
@@ -86,6 +96,8 @@ def run_pretrain(cfg: DictConfig) -> dict:
         metrics[dom] = train(dom, cfg.seed + d, loss_fn, train_split, item_range, expert_training)
 
     summary = {"stage": "pretrain", "variant": variant, "checkpoints": str(paths.expert_dir), "valid": metrics}
+    if not world.is_main:
+        return summary
     return finish_run(cfg, logger, summary,
                       {f"{role}/valid/{k}": v for role, m in metrics.items() for k, v in m.items()})
 

@@ -4,7 +4,7 @@
 #   DATASET=synthetic SEEDS="2025 2026" DOMAINS="dom1 dom4" BACKBONES="SASRec GRU4Rec" GPU_ID=0 bash run.sh
 #   BASELINES="ABXI CGRec SyNCRec" bash run.sh      # adds the cross-domain baselines' rows to the table
 #   LAUNCHER=joblib bash run.sh launcher:hydra.launcher.n_jobs=4   # sweeps run in parallel (requirements-cluster.txt)
-#   NPROC=4 bash run.sh                              # Stage II decodes with 4 processes (torchrun, one GPU each)
+#   NPROC=4 bash run.sh                              # every stage on 4 processes (torchrun, one GPU each)
 # Sets up .venv/ on first use (pinned requirements), then: prepare the data; per seed, pretrain
 # once (Stage I) and decode every target domain (Stage II); fine-tune every backbone on new, sim
 # and full data of every target domain (Stage III); print the results table; draw the diagnostics,
@@ -18,8 +18,9 @@
 # finetune:eval_batch_size=512. The baselines (cdsr_baseline/train.py) get the dataset keys,
 # logger.*, progress and their own baseline:KEY=VALUE only. LAUNCHER names a Hydra launcher
 # (joblib, submitit_local, submitit_slurm) for the sweeps of Stages II and III and the baselines, and
-# launcher:KEY=VALUE sets its keys (hydra.launcher.partition=..., ...). NPROC > 1 runs Stage II under
-# torchrun, the rows shared by NPROC processes (the files are those of one process).
+# launcher:KEY=VALUE sets its keys (hydra.launcher.partition=..., ...). NPROC > 1 runs every stage
+# under torchrun: NPROC processes train data-parallel (Stages I, III, baselines) or share the rows to
+# decode (Stage II); the sweeps then run their jobs one after another, and LAUNCHER is not used.
 source "$(dirname "$0")/scripts/venv.sh"
 DATASET="${DATASET:-ACDT}"
 SEEDS="${SEEDS:-2025}"
@@ -32,7 +33,10 @@ RUN="outputs/run.sh/$DATASET/$(date +%Y-%m-%d_%H-%M-%S)"
 join() { local IFS=,; echo "$*"; }
 
 PREPARE=() PRETRAIN=() DECODING=() FINETUNE=() BASELINE=() SWEEP=()
-if [ -n "$LAUNCHER" ]; then
+PY=(python)
+if [ "$NPROC" -gt 1 ]; then
+    PY=(torchrun --standalone --nproc_per_node="$NPROC")
+elif [ -n "$LAUNCHER" ]; then
     SWEEP+=("hydra/launcher=$LAUNCHER")
 fi
 for arg in "$@"; do
@@ -46,7 +50,7 @@ for arg in "$@"; do
         decoding:*) DECODING+=("${arg#decoding:}") ;;
         finetune:*) FINETUNE+=("${arg#finetune:}") ;;
         baseline:*) BASELINE+=("${arg#baseline:}") ;;
-        launcher:*) SWEEP+=("${arg#launcher:}") ;;
+        launcher:*) [ "$NPROC" -gt 1 ] || SWEEP+=("${arg#launcher:}") ;;
         epochs=*|train_batch_size=*|learning_rate=*|weight_decay=*|stopping_step=*|eval_step=*)
             key="${arg%%=*}"
             echo "run.sh: '$arg' would mean another training in each stage; name the one you mean:" \
@@ -73,19 +77,14 @@ import sys; print(' '.join(open_dataset(compose('prepare', sys.argv[1:])).domain
 
 for seed in $SEEDS; do
     echo "== Stage I, pretraining: dataset=$DATASET seed=$seed"
-    python pretrain.py dataset="$DATASET" seed="$seed" gpu_id="$GPU_ID" hydra.run.dir="$RUN/pretrain/seed_$seed" \
+    "${PY[@]}" pretrain.py dataset="$DATASET" seed="$seed" gpu_id="$GPU_ID" hydra.run.dir="$RUN/pretrain/seed_$seed"'${rank_suffix:}' \
         "${PRETRAIN[@]}"
 done
 echo "== Stage II, decoding: dataset=$DATASET seeds=$SEEDS target domains=$DOMAINS"
 # every target domain in one pass (each row encoded once per model), unless DOMAINS names some
 TARGETS="$( [ -n "${DOMAINS_GIVEN:-}" ] && join $DOMAINS || echo all )"
-# under torchrun the processes share each job's rows, so the jobs run one after another
-DECODE=(python decoding.py -m "${SWEEP[@]}")
-if [ "$NPROC" -gt 1 ]; then
-    DECODE=(torchrun --standalone --nproc_per_node="$NPROC" decoding.py -m)
-fi
-"${DECODE[@]}" dataset="$DATASET" seed="$(join $SEEDS)" gpu_id="$GPU_ID" target_dom="$TARGETS" \
-    hydra.sweep.dir="$RUN/decoding" "${DECODING[@]}"
+"${PY[@]}" decoding.py -m "${SWEEP[@]}" dataset="$DATASET" seed="$(join $SEEDS)" gpu_id="$GPU_ID" \
+    target_dom="$TARGETS" hydra.sweep.dir="$RUN/decoding" "${DECODING[@]}"
 echo "== analysis: regeneration diagnostics (Figure 5) and mapping views (Figure 4) of every decoded domain"
 for seed in $SEEDS; do
     for target in $DOMAINS; do
@@ -96,13 +95,13 @@ for seed in $SEEDS; do
     done
 done
 echo "== Stage III, fine-tuning: backbones=$BACKBONES on new, sim and full data"
-python finetune.py -m dataset="$DATASET" seed="$(join $SEEDS)" gpu_id="$GPU_ID" target_dom="$(join $DOMAINS)" \
+"${PY[@]}" finetune.py -m dataset="$DATASET" seed="$(join $SEEDS)" gpu_id="$GPU_ID" target_dom="$(join $DOMAINS)" \
     train_type=new,sim,full model_name="$(join $BACKBONES)" hydra.sweep.dir="$RUN/finetune" "${SWEEP[@]}" \
     "${FINETUNE[@]}"
 
 if [ -n "$BASELINES" ]; then
     echo "== cross-domain baselines: $BASELINES (one model for every domain, per seed)"
-    python cdsr_baseline/train.py -m dataset="$DATASET" seed="$(join $SEEDS)" gpu_id="$GPU_ID" \
+    "${PY[@]}" cdsr_baseline/train.py -m dataset="$DATASET" seed="$(join $SEEDS)" gpu_id="$GPU_ID" \
         model="$(join $BASELINES)" hydra.sweep.dir="$RUN/baseline" "${SWEEP[@]}" "${BASELINE[@]}"
 fi
 

@@ -29,6 +29,7 @@ from data import SequenceBatch, SequenceLoader
 from data.files import atomic_path
 from model.metrics import KS, RankingAccumulator, rank_of_target
 from data.fingerprints import check_inputs
+from pipeline.distributed import all_gather, all_reduce_sum, barrier, broadcast_parameters, data_parallel, sum_gradients
 from pipeline.schema import ConfigError, above, at_least, check_ranges
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,13 @@ def evaluate(model: nn.Module, evaluation: Evaluation, topk=KS, device=None, ena
     model.eval()
     accumulator = RankingAccumulator(tuple(topk))
     users, row_ranks = [], []
-    for batch in tqdm(evaluation.loader, desc="evaluating", leave=False, disable=not progress):
+    # Under torchrun each rank ranks a contiguous share of the batches; the sums are then added up
+    # (and the per-row ranks joined in rank order, i.e. in loader order): one process's metrics.
+    world = data_parallel()
+    mine = world.shard(len(evaluation.loader)) if world else range(len(evaluation.loader))
+    for at, batch in enumerate(tqdm(evaluation.loader, desc="evaluating", leave=False, disable=not progress)):
+        if at not in mine:
+            continue
         batch = batch.to(device)
         targets = batch.targets
         if targets.min() < lo or targets.max() >= hi:
@@ -152,9 +159,18 @@ def evaluate(model: nn.Module, evaluation: Evaluation, topk=KS, device=None, ena
             users.append(batch.users.cpu())
             row_ranks.append(rank.cpu())
     model.train(was_training)
+    if world:
+        if accumulator.count == 0:  # more ranks than batches: this rank's totals are zeros
+            accumulator.update(torch.zeros(0, dtype=torch.long, device=device))
+        accumulator.all_reduce()
     if ranks is not None:
-        ranks["users"] = torch.cat(users).tolist()
-        ranks["ranks"] = torch.cat(row_ranks).tolist()
+        mine_users = torch.cat(users).tolist() if users else []
+        mine_ranks = torch.cat(row_ranks).tolist() if row_ranks else []
+        if world:
+            every = all_gather(world, (mine_users, mine_ranks))
+            mine_users = [u for part, _ in every for u in part]
+            mine_ranks = [r for _, part in every for r in part]
+        ranks["users"], ranks["ranks"] = mine_users, mine_ranks
     return accumulator.compute()
 
 
@@ -204,6 +220,11 @@ def fit(
         if torch.cuda.is_available() and saved["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
         log.info("%sresuming from %s after epoch %d", prefix, resume_path, state["epoch"])
+    world = data_parallel()
+    if world:
+        # Every rank starts from rank 0's weights; dropout draws differ by rank.
+        broadcast_parameters(model)
+        torch.manual_seed(torch.initial_seed() + world.rank)
     key_prefix = f"{log_prefix}/" if log_prefix else ""
     epochs = tqdm(range(state["epoch"], config.epochs), desc=f"{log_prefix or 'training'} epochs",
                   initial=state["epoch"], total=config.epochs, disable=not progress)
@@ -215,17 +236,31 @@ def fit(
         started = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         for batch in tqdm(train, desc=f"epoch {epoch}", leave=False, disable=not progress):
-            batch = batch.to(device)
-            with _autocast(device, config.enable_amp):
-                loss = loss_fn(model, batch)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if world:
+                # The batch is the global one; each rank takes its share of the rows and weights
+                # its (row-averaged) loss by that share, so the summed gradients are the batch's.
+                share = world.shard(len(batch.users))
+                weight = len(share) / len(batch.users)
+                batch = batch.rows(share.start, share.stop)
+            batch = batch.to(device)
+            if len(batch.users):
+                with _autocast(device, config.enable_amp):
+                    loss = loss_fn(model, batch)
+                (loss * weight if world else loss).backward()
+            else:
+                loss = torch.zeros((), device=device)
+            if world:
+                sum_gradients(model)
+                loss = loss.detach() * weight
             if config.clip_grad_norm:
                 nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
             optimizer.step()
             loss_sum += loss.detach()
         # The history goes into the checkpoint, so it holds no timings: same data, settings and seed
         # give a byte-identical checkpoint, and its fingerprint says whether later outputs are stale.
+        if world:
+            all_reduce_sum(loss_sum)
         record = {"epoch": epoch, "train_loss": loss_sum.item() / max(len(train), 1)}
         seconds = time.perf_counter() - started
 
@@ -247,16 +282,20 @@ def fit(
         state["epoch"] = epoch + 1
         if logger is not None:
             logger.log({**_flat(record, key_prefix), f"{key_prefix}train/seconds": seconds})
-        _save_resume_state(resume_path, model, optimizer, state, meta)
+        if world is None or world.is_main:  # rank 0 alone writes; the others wait for the file
+            _save_resume_state(resume_path, model, optimizer, state, meta)
+        barrier(world)
         if stop:
             log.info("%sstopping early: no %s improvement in %d evaluations", prefix, config.valid_key,
                      config.stopping_step)
             break
 
     payload, kept_metrics, kept_epoch = selection.kept(state, model, config.keep)
-    save_checkpoint(checkpoint, {**payload, "meta": meta, "epochs_run": state["epoch"], "best_epoch": kept_epoch,
-                                 "valid_metrics": kept_metrics, "history": state["history"]})
-    resume_path.unlink(missing_ok=True)
+    if world is None or world.is_main:
+        save_checkpoint(checkpoint, {**payload, "meta": meta, "epochs_run": state["epoch"], "best_epoch": kept_epoch,
+                                     "valid_metrics": kept_metrics, "history": state["history"]})
+        resume_path.unlink(missing_ok=True)
+    barrier(world)
     return FitResult(kept_metrics, state["epoch"], kept_epoch, state["history"])
 
 

@@ -4,6 +4,7 @@
     python cdsr_baseline/train.py model=CGRec baseline_fidelity=corrected
     python cdsr_baseline/train.py -m model=ABXI,CGRec,SyNCRec seed=2025,2026,2027
     python cdsr_baseline/train.py -m model=SyNCRec search=SyNCRec     # the paper's search space
+    torchrun --nproc_per_node=4 cdsr_baseline/train.py model=ABXI     # data-parallel over 4 processes
 
 A cross-domain model is trained once for all domains on the mixed `full.train` rows, with the one
 training loop of the project (`trainer.fit`): validation NDCG@10 of every domain after every epoch
@@ -30,7 +31,7 @@ from cdsr_baseline.models import build_baseline, resolve_fidelity  # noqa: E402
 from data import SequenceLoader  # noqa: E402
 from dataset.prepare import prepare_dataset  # noqa: E402
 from pipeline.artifacts import baseline_checkpoint, baseline_inputs, open_dataset, write_settings  # noqa: E402
-from pipeline.distributed import job_device  # noqa: E402
+from pipeline.distributed import World, process_group  # noqa: E402
 from pipeline.runs import RunLogger, finish_run, run_folder, seed_everything, user_errors  # noqa: E402
 from pipeline.settings import baseline_settings, train_config  # noqa: E402
 from trainer import Evaluation, check_meta, evaluate, fit, load_checkpoint, resume_file  # noqa: E402
@@ -39,7 +40,13 @@ log = logging.getLogger(__name__)
 
 
 def run_baseline(cfg: DictConfig) -> dict:
-    """Train (or reuse) one cross-domain baseline; returns its per-domain validation and test metrics."""
+    """Train (or reuse) one cross-domain baseline; returns its per-domain validation and test metrics.
+    Under torchrun it trains data-parallel over the ranks and rank 0 writes the checkpoint and run files."""
+    with process_group() as world:
+        return _run_baseline(cfg, world)
+
+
+def _run_baseline(cfg: DictConfig, world: World) -> dict:
     baseline_settings(cfg)
     quirks = resolve_fidelity(cfg)
     training = train_config(cfg, "baseline")
@@ -47,11 +54,12 @@ def run_baseline(cfg: DictConfig) -> dict:
     dataset = open_dataset(cfg)
     domains = dataset.domains
     seed_everything(cfg.seed)
-    device = job_device(cfg.gpu_id)
+    device = world.device(cfg.gpu_id)
     model = build_baseline(cfg.model.name, dataset, cfg.model,
                            sequences=user_sequences(dataset, cfg.MAX_ITEM_LIST_LENGTH)).to(device)
     checkpoint, settings = baseline_checkpoint(cfg)
-    write_settings(checkpoint.parent, settings)
+    if world.is_main:
+        write_settings(checkpoint.parent, settings)
     meta = {"dataset": dataset.name, "n_items": domains.n_items, "domain_starts": list(domains.starts),
             "model_name": cfg.model.name, "inputs": baseline_inputs(dataset)}
     log.info("%s on %s (%d items, %d domains), %s fidelity %s, selection on %s, device %s", cfg.model.name,
@@ -65,7 +73,7 @@ def run_baseline(cfg: DictConfig) -> dict:
                                 lambda m, b, r=domains.range(dom): m.scores(b, r), domains.range(dom))
                 for dom in domains.names}
 
-    logger = RunLogger(cfg, run_folder(cfg), job=f"baseline-{cfg.model.name}")
+    logger = RunLogger(cfg, run_folder(cfg), job=f"baseline-{cfg.model.name}") if world.is_main else None
     train_seconds = None  # wall time of the training done by this run (none when a checkpoint is reused)
     if checkpoint.is_file() and not cfg.overwrite:
         saved = load_checkpoint(checkpoint)
@@ -92,6 +100,8 @@ def run_baseline(cfg: DictConfig) -> dict:
                "fidelity": cfg.baseline_fidelity, "quirks": quirks, "select_on": cfg.select_on,
                "best_epoch": saved["best_epoch"], "epochs_run": saved["epochs_run"], "train_seconds": train_seconds,
                "valid": valid, "test": test, "checkpoint": str(checkpoint), "test_ranks": test_ranks}
+    if not world.is_main:
+        return metrics
     return finish_run(cfg, logger, metrics, {f"{dom}/test/{k}": v for dom, m in test.items() for k, v in m.items()})
 
 

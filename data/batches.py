@@ -29,6 +29,10 @@ class SequenceBatch:
     def to(self, device) -> "SequenceBatch":
         return SequenceBatch(self.users.to(device), self.items.to(device), self.lengths.to(device))
 
+    def rows(self, start: int, stop: int) -> "SequenceBatch":
+        """Rows start..stop-1 (a rank's share of a batch)."""
+        return SequenceBatch(self.users[start:stop], self.items[start:stop], self.lengths[start:stop])
+
 
 def pad_rows(rows: SequenceRows, max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded matrix of every row's sequence, keeping its `max_len` most recent items.

@@ -49,6 +49,16 @@ class RankingAccumulator:
             self.sums[key] = self.sums[key] + total if key in self.sums else total
         self.count += ranks.numel()
 
+    def all_reduce(self) -> None:
+        """Sum every rank's totals (torch.distributed), so that `compute` is over all ranks' rows."""
+        import torch.distributed as dist
+
+        for key in sorted(self.sums):
+            dist.all_reduce(self.sums[key])
+        count = torch.tensor(float(self.count), dtype=torch.float64, device=next(iter(self.sums.values())).device)
+        dist.all_reduce(count)
+        self.count = int(count.item())
+
     def compute(self) -> dict[str, float]:
         if self.count == 0:
             raise ValueError("no ranks were accumulated")

@@ -5,6 +5,7 @@ one process (rank 0 of 1) and nothing here starts a process group. NCCL on GPUs,
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 from dataclasses import dataclass
@@ -64,20 +65,21 @@ def current_world() -> World:
 
 @contextlib.contextmanager
 def process_group():
-    """The world of this process; with WORLD_SIZE > 1 a process group lives for the block."""
+    """The world of this process; with WORLD_SIZE > 1 a process group is started (once per process:
+    the jobs of a sweep run one after another in the same processes and share it) and the ranks meet
+    at the end of the block."""
     world = current_world()
-    if world.size == 1 or dist.is_initialized():
+    if world.size == 1:
         yield world
         return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(world.local_rank)
-    dist.init_process_group(backend)
-    try:
-        yield world
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(world.local_rank)
+        dist.init_process_group(backend)
+        atexit.register(dist.destroy_process_group)
+    yield world
+    dist.barrier()
 
 
 def gather_arrays(world: World, arrays: list[np.ndarray]) -> list[np.ndarray] | None:
@@ -98,3 +100,50 @@ def broadcast(world: World, value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def data_parallel() -> World | None:
+    """The world when this process is one of several in a started process group, else None."""
+    world = current_world()
+    return world if world.size > 1 and dist.is_available() and dist.is_initialized() else None
+
+
+def barrier(world: World | None) -> None:
+    if world is not None:
+        dist.barrier()
+
+
+def broadcast_parameters(model: torch.nn.Module) -> None:
+    """Rank 0's weights on every rank."""
+    for tensor in model.state_dict().values():
+        dist.broadcast(tensor, src=0)
+
+
+def sum_gradients(model: torch.nn.Module) -> None:
+    """Each gradient summed over the ranks, in one flat all-reduce (a missing gradient counts as 0).
+
+    The ranks weight their losses by their share of the global batch, so the sum is the gradient
+    of the global batch: what DistributedDataParallel computes, without wrapping the model (the
+    objectives call its methods, not its forward)."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    for p in parameters:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in parameters])
+    dist.all_reduce(flat)
+    at = 0
+    for p in parameters:
+        p.grad.copy_(flat[at:at + p.numel()].view_as(p))
+        at += p.numel()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(tensor)
+    return tensor
+
+
+def all_gather(world: World, value) -> list:
+    """Every rank's `value`, in rank order, on every rank."""
+    values = [None] * world.size
+    dist.all_gather_object(values, value)
+    return values

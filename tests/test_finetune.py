@@ -101,3 +101,32 @@ def test_every_named_backbone_trains_one_epoch(decoded, model_name):
     metrics = run_finetune(cfg)
     assert metrics["model_name"] == model_name
     assert all(0.0 <= v <= 1.0 for v in metrics["test"].values())
+
+
+def test_torchrun_fine_tunes_data_parallel_and_tests_like_one_process(tmp_path):
+    """Two gloo processes fine-tune SASRec data-parallel; rank 0 writes; the test metrics and per-user
+    ranks, computed over both ranks' shares, are one process's evaluation of the same weights."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from data.paths import PROJECT_ROOT
+
+    overrides = ["train_type=sim", "target_dom=dom1", "trainer.finetune.epochs=2", *tiny_overrides(tmp_path),
+                 *TINY_MODEL, f"hydra.run.dir={tmp_path}/hydra" + "${rank_suffix:}"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "finetune.py", *overrides], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (tmp_path / "hydra-rank1" / "metrics.json").exists()
+    parallel = json.loads((tmp_path / "hydra" / "metrics.json").read_text())
+    # one process, reusing the checkpoint the two wrote: it only evaluates
+    alone = run_finetune(compose("finetune", overrides[:-1]))
+    assert torch.load(parallel["checkpoint"], weights_only=True)["epochs_run"] == 2
+    assert alone["test_ranks"] == parallel["test_ranks"]
+    for key, value in alone["test"].items():
+        assert abs(value - parallel["test"][key]) < 1e-12, key

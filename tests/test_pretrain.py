@@ -182,3 +182,41 @@ def test_other_activation_is_used(tmp_path):
     gelu = run_pretrain(pretrain_config(tmp_path / "gelu", "trainer.expert.epochs=1"))
     relu = run_pretrain(pretrain_config(tmp_path / "relu", "trainer.expert.epochs=1", "decoder.hidden_act=relu"))
     assert gelu["valid"]["full"] != relu["valid"]["full"]
+
+
+def test_torchrun_trains_data_parallel_and_its_evaluation_is_one_processs(tmp_path):
+    """Two gloo processes train Stage I data-parallel; rank 0 alone writes; the validation metrics in
+    the checkpoint, computed over both ranks' shares, equal one process's evaluation of its weights."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from data import PreparedDataset, SequenceLoader
+    from data.paths import PROJECT_ROOT
+    from model.decoder import TaesarDecoder
+    from model.objectives import target_scores
+    from pipeline.settings import decoder_config
+    from trainer import Evaluation, evaluate, load_checkpoint
+
+    overrides = ["seed=2025", "trainer.base.epochs=2", "trainer.expert.epochs=1", *tiny_overrides(tmp_path),
+                 f"hydra.run.dir={tmp_path}/hydra" + "${rank_suffix:}"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "pretrain.py", *overrides], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "data-parallel rank 1 of 2" in done.stdout
+    assert (tmp_path / "hydra" / "metrics.json").is_file() and not (tmp_path / "hydra-rank1" / "metrics.json").exists()
+    cfg = compose("pretrain", overrides[:-1])
+    dataset = PreparedDataset(tmp_path / "data", "TINY")
+    checkpoints = json.loads((tmp_path / "hydra" / "metrics.json").read_text())["checkpoints"]
+    saved = load_checkpoint(next((tmp_path / "checkpoint").rglob("*.full.ckpt")))
+    model = TaesarDecoder(decoder_config(cfg, dataset.domains.n_items))
+    model.load_state_dict(saved["state_dict"])
+    item_range = (1, dataset.domains.n_items + 1)
+    loader = SequenceLoader(dataset.rows("full.valid"), cfg.eval_batch_size, cfg.MAX_ITEM_LIST_LENGTH)
+    alone = evaluate(model, Evaluation(loader, target_scores(item_range), item_range))
+    assert alone.keys() == saved["valid_metrics"].keys() and checkpoints
+    for key, value in alone.items():
+        assert abs(value - saved["valid_metrics"][key]) < 1e-12, key
