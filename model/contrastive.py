@@ -389,11 +389,15 @@ def _scores_float32(z_target: torch.Tensor, z_source: torch.Tensor | None, z_mix
 
 
 def _top_two(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(arg-max (first maximum), best, second best) per row of (P, C); second is -inf when C == 1."""
-    best, at = scores.max(dim=-1)
+    """(arg-max, best, second best) per row of (P, C), in one pass; second is -inf when C == 1.
+
+    On a tie topk may name any of the tied columns, not the first; a tie is never `_apart`, so
+    such a row is decided again in float64, whose arg-max takes the first."""
     if scores.shape[-1] == 1:
+        best, at = scores.max(dim=-1)
         return at, best, torch.full_like(best, -math.inf)
-    return at, best, scores.topk(2, dim=-1, sorted=True).values[:, 1]
+    values, at = scores.topk(2, dim=-1, sorted=True)
+    return at[:, 0], values[:, 0], values[:, 1]
 
 
 def _apart(best: torch.Tensor, second: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

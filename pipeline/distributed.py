@@ -93,15 +93,6 @@ def gather_arrays(world: World, arrays: list[np.ndarray]) -> list[np.ndarray] | 
     return [np.concatenate([part[i] for part in gathered]) for i in range(len(arrays))]
 
 
-def broadcast(world: World, value):
-    """Rank 0's `value` on every rank (any picklable object)."""
-    if world.size == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def data_parallel() -> World | None:
     """The world when this process is one of several in a started process group, else None."""
     world = current_world()
