@@ -122,7 +122,8 @@ def table2(report: Report, seeds, domains, backbones, baselines) -> dict:
     expensive runs last, so that an interrupted report already holds whole rows)."""
     runs = {}
     for seed in seeds:
-        report.pipeline(seed, domains)
+        if backbones:
+            report.pipeline(seed, domains)
         for backbone in backbones:
             for dom in domains:
                 for train_type in TRAIN_TYPES:
@@ -352,7 +353,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--dataset", default="ACDT")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--domains", nargs="+", default=None, help="target domains (default: all)")
-    parser.add_argument("--backbones", nargs="+", default=list(BACKBONES))
+    parser.add_argument("--backbones", nargs="*", default=list(BACKBONES))
     parser.add_argument("--baselines", nargs="*", default=list(BASELINES))
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     parser.add_argument("--base-epochs", nargs="+", default=["20", "40", "80", "es"])
