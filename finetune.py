@@ -8,8 +8,10 @@
 Training rows by `train_type`: `sim` dom{d}.train, `new` the regenerated file
 that decoding.py wrote for the same settings (its location is computed from
 this config), `full` full.train (mixed; the loss then ranks all items).
-Validation and test always use dom{d}.valid / dom{d}.test, ranked over the
-target domain's items; the best epoch on validation NDCG@10 is tested
+Validation and test use dom{d}.valid / dom{d}.test, ranked over the target
+domain's items (with `train_type=full`, `eval_history=mixed` gives the same
+users and targets their mixed history instead, as the cross-domain baselines
+have it); the best epoch on validation NDCG@10 is tested
 (`trainer.finetune`). `model_name` is SASRec, GRU4Rec, CL4SRec, GCEGNN or any
 RecBole sequential model.
 """
@@ -35,7 +37,7 @@ from trainer import Evaluation, check_meta, evaluate, fit, load_checkpoint, resu
 
 log = logging.getLogger(__name__)
 # Keys only Stage III reads: left out of the decoding command a missing regenerated file asks for.
-FINETUNE_KEYS = ("stage", "train_type", "model_name", "model", "new_inter_path", "trainer.finetune", "epochs",
+FINETUNE_KEYS = ("stage", "train_type", "eval_history", "model_name", "model", "new_inter_path", "trainer.finetune", "epochs",
                  "train_batch_size", "learning_rate", "weight_decay", "stopping_step", "eval_step")
 
 
@@ -93,10 +95,13 @@ def _run_finetune(cfg: DictConfig, world: World) -> dict:
     checkpoint, settings = finetune_checkpoint(cfg, source)
     if world.is_main:
         write_settings(checkpoint.parent, settings)
+    mixed_history = cfg.eval_history == "mixed"
     meta = {"dataset": dataset.name, "n_items": dataset.domains.n_items, "model_name": cfg.model_name,
             "train_type": cfg.train_type, "target_dom": cfg.target_dom,
             "inputs": {"train": source_record, "valid": dataset.fingerprint(f"{cfg.target_dom}.valid"),
                        "item": dataset.fingerprint("item")}}
+    if mixed_history:  # selection read full.valid too
+        meta["inputs"]["valid_history"] = dataset.fingerprint("full.valid")
     logger = (RunLogger(cfg, run_folder(cfg), job=f"finetune-{cfg.model_name}-{cfg.train_type}-{cfg.target_dom}")
               if world.is_main else None)
     log.info("Stage III: %s on %s %s rows (%d, from %s), %s, device %s", cfg.model_name, cfg.train_type,
@@ -106,8 +111,10 @@ def _run_finetune(cfg: DictConfig, world: World) -> dict:
         return SequenceLoader(rows_, batch_size, cfg.MAX_ITEM_LIST_LENGTH, shuffle=shuffle, seed=cfg.seed)
 
     def evaluation(split):
-        return Evaluation(loader(dataset.rows(f"{cfg.target_dom}.{split}"), False, cfg.eval_batch_size),
-                          lambda m, b: m.scores(b, target_range), target_range)
+        rows_ = (dataset.mixed_history_rows(split, cfg.target_dom) if mixed_history
+                 else dataset.rows(f"{cfg.target_dom}.{split}"))
+        return Evaluation(loader(rows_, False, cfg.eval_batch_size), lambda m, b: m.scores(b, target_range),
+                          target_range)
 
     if checkpoint.is_file() and not cfg.overwrite:
         saved = load_checkpoint(checkpoint)
@@ -126,8 +133,8 @@ def _run_finetune(cfg: DictConfig, world: World) -> dict:
     test = evaluate(model, evaluation("test"), training.topk, device, training.enable_amp, ranks=test_ranks)
     log.info("test %s", " ".join(f"{k} {v:.4f}" for k, v in test.items() if k.endswith(("@10", "@20"))))
     metrics = {"stage": "finetune", "dataset": dataset.name, "model_name": cfg.model_name,
-               "train_type": cfg.train_type, "target_dom": cfg.target_dom, "seed": cfg.seed,
-               "variant": variant_name(cfg) if cfg.train_type == "new" else None,
+               "train_type": cfg.train_type, "eval_history": cfg.eval_history, "target_dom": cfg.target_dom,
+               "seed": cfg.seed, "variant": variant_name(cfg) if cfg.train_type == "new" else None,
                "valid": valid, "test": test, "checkpoint": str(checkpoint),
                "test_ranks": test_ranks}  # each test user's rank: what paired comparisons resample
     if not world.is_main:

@@ -48,8 +48,7 @@ def collect(folders: list[Path]) -> list[dict]:
             else:
                 continue
             for record in records:
-                key = (record["dataset"], record["model_name"], record["train_type"], record["target_dom"],
-                       record.get("variant"), record["seed"])
+                key = (record["dataset"], *row_label(record), record["target_dom"], record["seed"])
                 runs[key] = record
     return list(runs.values())
 
@@ -57,7 +56,7 @@ def collect(folders: list[Path]) -> list[dict]:
 def row_label(run: dict) -> tuple[str, str]:
     """(model, train) of a record in the table: SASRec on the mixed rows is the paper's SASRec4."""
     if run["model_name"] == "SASRec" and run["train_type"] == "full":
-        return "SASRec4", "full"
+        return "SASRec4", "full" if run.get("eval_history", "target_only") == "target_only" else "full (mixed history)"
     if run["train_type"] == "new":
         return run["model_name"], f"new ({run.get('variant') or 'taesar'})"
     return run["model_name"], run["train_type"]

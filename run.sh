@@ -58,7 +58,7 @@ for arg in "$@"; do
                  "trainer.finetune.$key=... (Stage III), or pretrain:$arg / finetune:$arg" \
                  | sed 's/\.train_batch_size=/.batch_size=/g' >&2
             exit 2 ;;
-        model.*|+model.*|model_name=*|train_type=*|new_inter_path=*) FINETUNE+=("$arg") ;;
+        model.*|+model.*|model_name=*|train_type=*|eval_history=*|new_inter_path=*) FINETUNE+=("$arg") ;;
         dataset=*|dataset.*|+dataset.*|data_path=*|progress=*)
             PREPARE+=("$arg") PRETRAIN+=("$arg") DECODING+=("$arg") FINETUNE+=("$arg") BASELINE+=("$arg") ;;
         logger.*|checkpoint_dir=*|gpu_id=*)

@@ -2,37 +2,16 @@
 
 Training rows are `full.train`: each user's training sequence u = s[:n-2] (history + target),
 whose positions t predict u[t+1] (the sequence-to-sequence layout). Evaluating target domain d
-uses the users of `dom{d}.valid` / `dom{d}.test` with their mixed history, i.e. their rows of
-`full.valid` / `full.test`; the targets are the same (checked), so every model is scored on the
-same (user, target) pairs as the backbones, only the history differs.
+uses the users of `dom{d}.valid` / `dom{d}.test` with their mixed history
+(`PreparedDataset.mixed_history_rows`), so every model is scored on the same (user, target) pairs
+as the backbones, only the history differs.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from data import DataError, PreparedDataset, SequenceRows, pad_rows
-
-
-def evaluation_rows(dataset: PreparedDataset, split: str, dom: str) -> SequenceRows:
-    """The `full.{split}` rows (mixed history) of the users of `{dom}.{split}`.
-
-    Stops when a user of the domain split has no such row or another target: the two files would
-    then not be of one preparation.
-    """
-    full, own = dataset.rows(f"full.{split}"), dataset.rows(f"{dom}.{split}")
-    index = np.searchsorted(full.users, own.users)
-    found = (index < len(full)) & (full.users[np.minimum(index, len(full) - 1)] == own.users)
-    if not found.all():
-        user = int(own.users[np.argmin(found)])
-        raise DataError(f"{dataset.path(f'{dom}.{split}')}: user {user} has no row in {dataset.path(f'full.{split}')}")
-    rows = full.take(index)
-    differs = rows.targets != own.targets
-    if differs.any():
-        user = int(own.users[np.argmax(differs)])
-        raise DataError(f"{dataset.path(f'{dom}.{split}')}: user {user}'s target differs from its row in "
-                        f"{dataset.path(f'full.{split}')}")
-    return rows
+from data import PreparedDataset, pad_rows
 
 
 def user_sequences(dataset: PreparedDataset, width: int) -> torch.Tensor:

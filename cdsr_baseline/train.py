@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repository root
 
-from cdsr_baseline.data import evaluation_rows, user_sequences  # noqa: E402
+from cdsr_baseline.data import user_sequences  # noqa: E402
 from cdsr_baseline.models import build_baseline, resolve_fidelity  # noqa: E402
 from data import SequenceLoader  # noqa: E402
 from dataset.prepare import prepare_dataset  # noqa: E402
@@ -69,7 +69,7 @@ def _run_baseline(cfg: DictConfig, world: World) -> dict:
         return SequenceLoader(rows, batch_size, cfg.MAX_ITEM_LIST_LENGTH, shuffle=shuffle, seed=cfg.seed)
 
     def evaluations(split):
-        return {dom: Evaluation(loader(evaluation_rows(dataset, split, dom), False, cfg.eval_batch_size),
+        return {dom: Evaluation(loader(dataset.mixed_history_rows(split, dom), False, cfg.eval_batch_size),
                                 lambda m, b, r=domains.range(dom): m.scores(b, r), domains.range(dom))
                 for dom in domains.names}
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import re
+
+import numpy as np
 from functools import cached_property
 from pathlib import Path
 
@@ -82,3 +84,25 @@ class PreparedDataset:
                 raise DataError(f"{path}: the split has no rows")
             self._rows[split] = rows
         return self._rows[split]
+
+    def mixed_history_rows(self, split: str, dom: str) -> SequenceRows:
+        """The `full.{split}` rows of the users of `{dom}.{split}`: the same (user, target) pairs,
+        each with the user's mixed history instead of the target-only one (how the cross-domain
+        models, and SASRec4 with `eval_history=mixed`, are evaluated).
+
+        Stops when a user of the domain split has no such row or another target: the two files would
+        then not be of one preparation.
+        """
+        full, own = self.rows(f"full.{split}"), self.rows(f"{dom}.{split}")
+        index = np.searchsorted(full.users, own.users)
+        found = (index < len(full)) & (full.users[np.minimum(index, len(full) - 1)] == own.users)
+        if not found.all():
+            user = int(own.users[np.argmin(found)])
+            raise DataError(f"{self.path(f'{dom}.{split}')}: user {user} has no row in {self.path(f'full.{split}')}")
+        rows = full.take(index)
+        differs = rows.targets != own.targets
+        if differs.any():
+            user = int(own.users[np.argmax(differs)])
+            raise DataError(f"{self.path(f'{dom}.{split}')}: user {user}'s target differs from its row in "
+                            f"{self.path(f'full.{split}')}")
+        return rows

@@ -320,6 +320,8 @@ def finetune_checkpoint(cfg: DictConfig, source: str) -> tuple[Path, dict]:
                 "model": OmegaConf.to_container(cfg.model, resolve=True), "train_type": cfg.train_type,
                 "target_dom": cfg.target_dom, "source": source, "training": _training(cfg, "finetune"),
                 "MAX_ITEM_LIST_LENGTH": cfg.MAX_ITEM_LIST_LENGTH}
+    if cfg.get("eval_history", "target_only") != "target_only":  # another selection; the default keeps its keys
+        settings["eval_history"] = cfg.eval_history
     folder = (project_path(cfg.checkpoint_dir) / cfg.dataset.name / "finetune"
               / f"{cfg.model_name}-{cfg.train_type}-{cfg.target_dom}-{settings_key(settings)}")
     return folder / f"{cfg.model_name}-{cfg.dataset.name}-{cfg.seed}.tune.ckpt", settings

@@ -177,6 +177,7 @@ class FinetuneSettings(PipelineSettings):
     model_name: str
     model: dict  # checked by model.backbones.check_backbone_params
     train_type: Literal["sim", "new", "full"]
+    eval_history: Literal["target_only", "mixed"]
     new_inter_path: Optional[str]
 
 
@@ -262,6 +263,10 @@ def stage_settings(cfg: DictConfig, stage: str) -> DictConfig:
                                   f"with train_type=full, not {values['train_type']}")
             with open_dict(cfg):
                 cfg.model_name = values["model_name"] = "SASRec"  # the same run, checkpoint and table row
+        if values["eval_history"] == "mixed" and values["train_type"] != "full":
+            raise ConfigError(f"config key 'eval_history' is mixed, which evaluates a model trained on the mixed "
+                              f"rows (train_type=full) with mixed histories; train_type={values['train_type']} "
+                              f"trains on target items only, so keep eval_history=target_only")
         check_backbone_params(values["model_name"], values["model"])
     apply_official_keys(cfg, stage)
     return cfg

@@ -12,7 +12,7 @@ import torch
 
 from cdsr_baseline.abxi import ABXI, compact, domain_inputs, positions, sample_negatives
 from cdsr_baseline.cgrec import CGRec, coalitions, shapley_values
-from cdsr_baseline.data import domain_of, evaluation_rows, user_sequences
+from cdsr_baseline.data import domain_of, user_sequences
 from cdsr_baseline.layers import LoRA, binary_loss, left_align, sample_excluding
 from cdsr_baseline.syncrec import SyNCRec
 from cdsr_baseline.train import run_baseline
@@ -32,7 +32,7 @@ A1, A2, A3, B1, B2 = 1, 2, 3, 6, 7
 def test_evaluation_rows_are_the_domain_users_with_their_mixed_history(acdt_dataset):
     for split in ("valid", "test"):
         for dom in acdt_dataset.domains.names:
-            rows = evaluation_rows(acdt_dataset, split, dom)
+            rows = acdt_dataset.mixed_history_rows(split, dom)
             own = acdt_dataset.rows(f"{dom}.{split}")
             assert np.array_equal(rows.users, own.users) and np.array_equal(rows.targets, own.targets)
             # the same users as those whose full target lies in the domain (the data contract's promise)
@@ -40,6 +40,22 @@ def test_evaluation_rows_are_the_domain_users_with_their_mixed_history(acdt_data
             lo, hi = acdt_dataset.domains.range(dom)
             assert set(full.users[(full.targets >= lo) & (full.targets < hi)]) == set(own.users)
             assert rows.lengths.mean() > own.lengths.mean()  # mixed histories are longer
+
+
+def test_mixed_history_rows_refuse_files_of_two_preparations(acdt_dataset):
+    import dataclasses
+
+    from data import DataError, PreparedDataset
+
+    dataset = PreparedDataset(acdt_dataset.root.parent, acdt_dataset.name)
+    full = acdt_dataset.rows("full.test")
+    dataset._rows["full.test"] = dataclasses.replace(full, items=full.items.copy())
+    dataset._rows["full.test"].items[full.offsets[1] - 1] += 1  # the first user's target
+    with pytest.raises(DataError, match=rf"dom\d\.test\.inter: user {full.users[0]}'s target differs"):
+        [dataset.mixed_history_rows("test", dom) for dom in dataset.domains.names]
+    dataset._rows["full.test"] = full.take(np.arange(1, len(full)))
+    with pytest.raises(DataError, match=rf"user {full.users[0]} has no row in .*full\.test\.inter"):
+        [dataset.mixed_history_rows("test", dom) for dom in dataset.domains.names]
 
 
 def test_user_sequences_hold_each_users_whole_sequence(acdt_dataset):

@@ -76,6 +76,34 @@ def test_a_finished_checkpoint_of_other_training_rows_is_refused(decoded, tmp_pa
         run_finetune(other)
 
 
+def test_sasrec4_with_mixed_histories_is_selected_and_tested_on_the_full_rows(decoded, monkeypatch):
+    """eval_history=mixed (SASRec4's Q-M1 switch): the same users and targets, their full.* histories."""
+    import finetune
+
+    dataset = PreparedDataset(project_path(f"{decoded}/data"), "TINY")
+    seen, evaluation = [], finetune.Evaluation
+
+    def recording(loader, scores, item_range):
+        seen.append(loader.lengths.clone())
+        return evaluation(loader, scores, item_range)
+
+    monkeypatch.setattr(finetune, "Evaluation", recording)
+    own = run_finetune(finetune_config(decoded, "full", "epochs=1"))
+    assert own["eval_history"] == "target_only"
+    mixed = run_finetune(finetune_config(decoded, "full", "epochs=1", "eval_history=mixed"))
+    assert mixed["eval_history"] == "mixed" and mixed["checkpoint"] != own["checkpoint"]  # another selection
+    assert mixed["test_ranks"].keys() == own["test_ranks"].keys()
+    valid_own, test_own, valid_mixed, test_mixed = seen
+    for lengths, split in ((valid_own, "dom1.valid"), (test_own, "dom1.test")):
+        assert lengths.tolist() == dataset.rows(split).lengths.clip(max=lengths.max()).tolist()
+    for lengths, split in ((valid_mixed, "valid"), (test_mixed, "test")):
+        full_rows = dataset.mixed_history_rows(split, "dom1")
+        assert lengths.tolist() == full_rows.lengths.clip(max=lengths.max()).tolist()
+        assert (full_rows.lengths > dataset.rows(f"dom1.{split}").lengths).any()
+    with pytest.raises(ValueError, match="config key 'eval_history' is mixed.*train_type=sim"):
+        run_finetune(finetune_config(decoded, "sim", "eval_history=mixed"))
+
+
 @pytest.mark.parametrize("train_type", ["sim", "new", "full"])
 def test_candidates_are_the_target_domain(decoded, train_type):
     metrics = run_finetune(finetune_config(decoded, train_type, "epochs=2"))

@@ -11,12 +11,12 @@ from results import collect, main
 METRICS = ("hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr@10", "mrr@20")
 
 
-def write_run(folder, model, train_type, dom, seed, value, variant="taesar"):
+def write_run(folder, model, train_type, dom, seed, value, variant="taesar", **extra):
     folder.mkdir(parents=True)
     test = {m: value for m in METRICS} | {"hr@5": value}
     (folder / "metrics.json").write_text(json.dumps({
         "stage": "finetune", "dataset": "X", "model_name": model, "train_type": train_type, "target_dom": dom,
-        "seed": seed, "variant": variant if train_type == "new" else None, "valid": {}, "test": test}))
+        "seed": seed, "variant": variant if train_type == "new" else None, "valid": {}, "test": test, **extra}))
 
 
 def test_table_layout_and_seed_statistics(tmp_path):
@@ -57,12 +57,15 @@ def test_cross_domain_rows_come_first_in_the_papers_order(tmp_path):
     runs = tmp_path / "runs"
     write_run(runs / "a", "SASRec", "new", "dom1", 1, 0.2)
     write_run(runs / "b", "SASRec", "full", "dom1", 1, 0.15)  # SASRec on the mixed rows: SASRec4
+    write_run(runs / "b2", "SASRec", "full", "dom1", 1, 0.25, eval_history="mixed")  # its Q-M1 switch: another row
     write_baseline(runs / "c", "SyNCRec", 1, {"dom1": 0.1, "dom2": 0.3})
     write_baseline(runs / "d", "ABXI", 1, {"dom1": 0.2, "dom2": 0.4})
     write_baseline(runs / "e", "ABXI", 2, {"dom1": 0.4, "dom2": 0.4})
-    assert len(collect([runs])) == 2 + 2 + 2 * 2  # a baseline run gives one record per domain
+    assert len(collect([runs])) == 3 + 2 + 2 * 2  # a baseline run gives one record per domain
     main([str(runs), "--out", str(tmp_path / "out")])
     lines = (tmp_path / "out" / "table.md").read_text().splitlines()[2:]
-    assert [line.split(" | ")[1:3] for line in lines] == [["SASRec4", "full"], ["ABXI", "mixed"],
+    assert [line.split(" | ")[1:3] for line in lines] == [["SASRec4", "full"], ["SASRec4", "full (mixed history)"],
+                                                          ["ABXI", "mixed"],
                                                           ["SyNCRec", "mixed"], ["SASRec", "new (taesar)"]]
-    assert "0.3000 ± 0.1414" in lines[1] and "0.4000 ± 0.0000" in lines[1]  # ABXI over two seeds
+    assert "0.3000 ± 0.1414" in lines[2] and "0.4000 ± 0.0000" in lines[2]  # ABXI over two seeds
+    assert "0.2500" in lines[1] and "0.1500" in lines[0]
