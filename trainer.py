@@ -11,6 +11,7 @@ Checkpoints hold tensors and plain data only and load with
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import pickle
@@ -26,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from data import SequenceBatch, SequenceLoader
-from data.files import atomic_path
+from data.files import atomic_path, exclusive_lock
 from model.metrics import KS, RankingAccumulator, rank_of_target
 from data.fingerprints import check_inputs
 from pipeline.distributed import all_gather, all_reduce_sum, barrier, broadcast_parameters, data_parallel, sum_gradients
@@ -201,7 +202,23 @@ def fit(
     `select_on="each"` keeps, for every domain, the weights of its own best epoch (training stops
     when no domain has improved for `stopping_step` evaluations) and the checkpoint holds them by
     domain (`domain_state_dicts`); `select_on="mean"` selects one epoch on the mean over domains.
+
+    While it trains, the process that writes (rank 0) holds the checkpoint's lock
+    (`.NAME.lock` beside it): a second job of the same settings stops at once with `BusyError`
+    instead of interleaving its epochs with the first one's in the resume file.
     """
+    world = data_parallel()
+    writes = world is None or world.is_main
+    lock = exclusive_lock(lock_file(checkpoint), wait=False, what=f"another job is training {checkpoint.name} now; "
+                                                                  "run this one again once it is done to reuse it")
+    with lock if writes else contextlib.nullcontext():
+        return _fit(model, loss_fn, train, config, checkpoint=checkpoint, meta=meta, valid=valid,
+                    select_on=select_on, resume=resume, logger=logger, log_prefix=log_prefix, progress=progress,
+                    device=device, world=world)
+
+
+def _fit(model, loss_fn, train, config, *, checkpoint, meta, valid, select_on, resume, logger, log_prefix, progress,
+         device, world) -> FitResult:
     if select_on not in ("each", "mean"):
         raise ConfigError(f"config key 'select_on' must be each or mean, got {select_on!r}")
     device = device or next(model.parameters()).device
@@ -220,7 +237,6 @@ def fit(
         if torch.cuda.is_available() and saved["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
         log.info("%sresuming from %s after epoch %d", prefix, resume_path, state["epoch"])
-    world = data_parallel()
     if world:
         # Every rank starts from rank 0's weights; dropout draws differ by rank.
         broadcast_parameters(model)
@@ -373,6 +389,11 @@ class _Selection:
 
 def resume_file(checkpoint: Path) -> Path:
     return Path(f"{checkpoint}.resume")
+
+
+def lock_file(checkpoint: Path) -> Path:
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent / f".{checkpoint.name}.lock"
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:

@@ -9,6 +9,7 @@ loops over interactions.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
 from dataclasses import dataclass
@@ -124,6 +125,31 @@ def atomic_path(path: Path) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+class BusyError(RuntimeError):
+    """Another process holds the lock of what this one was about to write."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, wait: bool = True, what: str = "") -> Iterator[None]:
+    """Hold an exclusive lock on the file `path` (created empty, and left in place: removing a lock
+    file while another process waits on it would let a third one take a second lock).
+
+    `wait=False` raises `BusyError` at once when another process holds it; `what` says in that
+    message what the holder is doing. The lock goes with the process, so a killed holder frees it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise BusyError(f"{path}: held by another process{f' ({what})' if what else ''}") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

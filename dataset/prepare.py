@@ -12,7 +12,6 @@ settings give the same bytes.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 
 from data.dataset import MANIFEST, split_names
 from data.domains import LETTERS, domain_suffix
-from data.files import DIR_MODE, DataError, write_inter, write_item_file, write_text_atomic
+from data.files import DIR_MODE, DataError, exclusive_lock, write_inter, write_item_file, write_text_atomic
 from data.fingerprints import file_digest
 from pipeline.schema import describe_differences
 from data.paths import project_path
@@ -332,17 +331,12 @@ def preparation_lock(out_dir: Path):
     first one's output. Under the lock no other preparation of NAME is running, so the staging
     folders a killed run left behind are removed here.
     """
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_dir.parent / f".{out_dir.name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            for pattern in (_STAGING, _RETIRED):
-                for leftover in out_dir.parent.glob(f".{out_dir.name}{pattern}*"):
-                    log.info("removing %s, left by an interrupted preparation", leftover)
-                    shutil.rmtree(leftover, ignore_errors=True)
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with exclusive_lock(out_dir.parent / f".{out_dir.name}.lock"):
+        for pattern in (_STAGING, _RETIRED):
+            for leftover in out_dir.parent.glob(f".{out_dir.name}{pattern}*"):
+                log.info("removing %s, left by an interrupted preparation", leftover)
+                shutil.rmtree(leftover, ignore_errors=True)
+        yield
 
 
 def prepare_dataset(dataset_cfg, data_path: str | Path, overwrite: bool = False, progress: bool = True) -> Path:

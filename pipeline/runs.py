@@ -21,14 +21,14 @@ log = logging.getLogger(__name__)
 def user_errors():
     """A command's bad input ends it with `error: MESSAGE` (the message names the file, line or key)
     rather than a traceback; anything else is a bug and keeps its traceback."""
-    from data.files import DataError
+    from data.files import BusyError, DataError
     from data.fingerprints import StaleArtifactError
     from pipeline.schema import ConfigError
     from trainer import CheckpointError
 
     try:
         yield
-    except (ConfigError, DataError, StaleArtifactError, CheckpointError, FileNotFoundError) as error:
+    except (ConfigError, DataError, StaleArtifactError, CheckpointError, BusyError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
 
 

@@ -10,7 +10,10 @@ import torch
 from data import SequenceLoader, SequenceRows
 from model.decoder import DecoderConfig, TaesarDecoder
 from model.objectives import next_item_objective, target_scores
-from trainer import CheckpointError, Evaluation, TrainConfig, evaluate, fit, load_checkpoint, metric_key, resume_file
+from data.files import BusyError, exclusive_lock
+from trainer import (
+    CheckpointError, Evaluation, TrainConfig, evaluate, fit, load_checkpoint, lock_file, metric_key, resume_file,
+)
 
 N_ITEMS = 12
 
@@ -123,6 +126,23 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, caplog):
     for key in a["state_dict"]:
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
     assert a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
+
+
+def test_a_second_job_of_the_same_checkpoint_stops_while_the_first_trains(tmp_path):
+    config = TrainConfig(epochs=2, learning_rate=1e-2, stopping_step=0, topk=(5, 10))
+    model, train, valid = toy_setup()
+    checkpoint = tmp_path / "m.ckpt"
+    # flock locks belong to open files, so a second open in this process stands for another job
+    with exclusive_lock(lock_file(checkpoint)):
+        with pytest.raises(BusyError, match=r"\.m\.ckpt\.lock: held by another process \(another job is training "
+                                            r"m\.ckpt now; run this one again once it is done"):
+            fit(model, next_item_objective(), train, config, checkpoint=checkpoint, meta={}, valid=valid,
+                progress=False)
+        assert not checkpoint.exists() and not resume_file(checkpoint).exists()  # nothing written
+    fit(model, next_item_objective(), train, config, checkpoint=checkpoint, meta={}, valid=valid, progress=False)
+    assert checkpoint.is_file()
+    with exclusive_lock(lock_file(checkpoint), wait=False):  # released when the training ended
+        pass
 
 
 def test_resume_refuses_a_state_of_other_data(tmp_path):
