@@ -336,14 +336,18 @@ def test_warm_up_epochs_are_neither_validated_nor_kept(tmp_path):
 # --------------------------------------------------------------------------- runs
 
 
-def baseline_config(tmp_path, model, *extra):
+def baseline_overrides(tmp_path, model, *extra) -> list[str]:
     shared = [o for o in tiny_overrides(tmp_path) if not o.startswith(("decoder", "trainer", "regenerated_dir"))]
     small = {"ABXI": ["model.d_embed=16", "model.ffn=16", "model.n_attn=1", "model.rd=4", "model.ri=4",
                       "model.len_max=32", "trainer.baseline.warmup_epochs=1"],
              "CGRec": ["model.hidden_size=16", "model.num_hidden_layers=1", "model.max_seq_length=32"],
              "SyNCRec": ["model.hidden_size=16", "model.num_hidden_layers=1", "model.max_seq_length=32",
                          "model.expert_num=4"]}[model]
-    return compose("baseline", [f"model={model}", "trainer.baseline.epochs=2", *shared, *small, *extra])
+    return [f"model={model}", "trainer.baseline.epochs=2", *shared, *small, *extra]
+
+
+def baseline_config(tmp_path, model, *extra):
+    return compose("baseline", baseline_overrides(tmp_path, model, *extra))
 
 
 @pytest.mark.parametrize("model, fidelity", [("ABXI", "official"), ("CGRec", "corrected"), ("SyNCRec", "official")])
@@ -427,3 +431,29 @@ def test_abxi_evaluation_streams_of_both_fidelities():
         assert not torch.allclose(official.scores(ends_in_b, (1, 6)), corrected.scores(ends_in_b, (1, 6)))
         history = left_align(ends_in_a.items, ends_in_a.lengths - 1, official.width)
         assert compact(history, 1, 6)[0, -1] == history[0, -1]  # last item in the domain: same last slot
+
+
+def test_torchrun_trains_a_baseline_data_parallel_and_tests_like_one_process(tmp_path):
+    """Two gloo processes train CGRec (per-domain selection) data-parallel; rank 0 writes; every
+    domain's test metrics and per-user ranks are one process's evaluation of the same weights."""
+    import os
+    import subprocess
+    import sys
+
+    from data.paths import PROJECT_ROOT
+
+    overrides = baseline_overrides(tmp_path, "CGRec")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "cdsr_baseline/train.py", *overrides, f"hydra.run.dir={tmp_path}/hydra" + "${rank_suffix:}"],
+                          cwd=PROJECT_ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (tmp_path / "hydra-rank1" / "metrics.json").exists()
+    parallel = json.loads((tmp_path / "hydra" / "metrics.json").read_text())
+    alone = run_baseline(compose("baseline", overrides))  # reuses the checkpoint the two wrote: it only evaluates
+    assert torch.load(parallel["checkpoint"], weights_only=True)["epochs_run"] == 2
+    assert alone["test_ranks"] == parallel["test_ranks"]
+    for dom, values in alone["test"].items():
+        for key, value in values.items():
+            assert abs(value - parallel["test"][dom][key]) < 1e-12, (dom, key)
