@@ -356,8 +356,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--backbones", nargs="*", default=list(BACKBONES))
     parser.add_argument("--baselines", nargs="*", default=list(BASELINES))
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
-    parser.add_argument("--base-epochs", nargs="+", default=["20", "40", "80", "es"])
-    parser.add_argument("--expert-epochs", nargs="+", default=["5", "10", "20", "40"])
+    parser.add_argument("--base-epochs", nargs="*", default=["20", "40", "80", "es"])
+    parser.add_argument("--expert-epochs", nargs="*", default=["5", "10", "20", "40"])
     parser.add_argument("--out", type=Path, default=Path("results/report"))
     parser.add_argument("--collect-only", action="store_true",
                         help="write the report from the runs already in OUT/runs, running nothing")
