@@ -96,6 +96,31 @@ def table(runs: list[dict]) -> tuple[list[str], list[list[str]], list[dict]]:
     return header, markdown, records
 
 
+def headline(runs: list[dict], metric: str = "ndcg@10", backbone: str = "SASRec") -> str:
+    """Markdown: one row per target domain, one column per method of the comparison (`backbone` on
+    sim, SASRec4, the baselines, Taesar: `backbone` on new), `mean ± std` over seeds, the best
+    mean in bold; columns without runs are left out."""
+    if len({r["dataset"] for r in runs}) != 1:
+        raise ValueError("headline: the runs are of more than one dataset")
+    _, _, records = table(runs)
+    by_label = {(r["model"], r["train"]): r for r in records}
+    columns = [((backbone, "sim"), f"{backbone} sim"), (("SASRec4", "full"), "SASRec4 (full)"),
+               *(((m, MIXED), m) for m in CROSS_DOMAIN[1:]), ((backbone, "new (taesar)"), "Taesar (new)")]
+    columns = [(key, name) for key, name in columns if key in by_label]
+    domains = sorted({r["target_dom"] for r in runs}, key=lambda d: int(d[3:]))
+    lines = ["| target | " + " | ".join(name for _, name in columns) + " |", "|---|" + "---|" * len(columns)]
+    for dom in domains:
+        means = [by_label[key][f"{dom} {metric}"] for key, _ in columns]
+        best = max((float(m) for m in means if m), default=None)
+        cells = []
+        for key, _ in columns:
+            mean, std = by_label[key][f"{dom} {metric}"], by_label[key][f"{dom} {metric} std"]
+            cell = "–" if not mean else f"{float(mean):.4f}" + (f" ± {float(std):.4f}" if std else "")
+            cells.append(f"**{cell}**" if mean and float(mean) == best else cell)
+        lines.append(f"| {dom} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_tables(runs: list[dict], out: Path) -> str:
     """Write table.md and table.csv into `out`; returns the Markdown."""
     header, lines, records = table(runs)

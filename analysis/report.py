@@ -241,11 +241,17 @@ def write_report(out: Path, args, parts: dict) -> str:
              f"--dataset {args.dataset} --seeds {' '.join(map(str, args.seeds))} "
              f"--parts {' '.join(args.parts)}`; machine: {machine()}.", ""]
     if "table2" in parts:
+        from results import headline
+
         runs = parts["table2"]
-        table = write_tables([{**r, "train_type": t, "model_name": b, "target_dom": d, "seed": s,
-                               "variant": "taesar" if t == "new" else None}
-                              for (b, t, d, s), r in runs.items()], out / "table2")
+        records = [{**r, "train_type": t, "model_name": b, "target_dom": d, "seed": s,
+                    "variant": "taesar" if t == "new" else None} for (b, t, d, s), r in runs.items()]
+        table = write_tables(records, out / "table2")
         rows = comparisons(runs, args.backbones, args.domains)
+        if records:
+            for metric, name in (("ndcg@10", "NDCG@10"), ("hr@10", "HR@10")):
+                lines += [f"## Headline: SASRec and the cross-domain methods (test {name}, mean ± std over seeds)",
+                          "", headline(records, metric), ""]
         lines += ["## Table 2 (test, mean ± std over seeds)", "", table, "",
                   "## Claims: new vs sim and new vs full (test NDCG@10)", "",
                   "Paired bootstrap over test users pooled over seeds (10,000 resamples), 95% interval.", "",

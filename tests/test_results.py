@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from results import collect, main
+from results import collect, headline, main
 
 METRICS = ("hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr@10", "mrr@20")
 
@@ -69,3 +69,18 @@ def test_cross_domain_rows_come_first_in_the_papers_order(tmp_path):
                                                           ["SyNCRec", "mixed"], ["SASRec", "new (taesar)"]]
     assert "0.3000 ± 0.1414" in lines[2] and "0.4000 ± 0.0000" in lines[2]  # ABXI over two seeds
     assert "0.2500" in lines[1] and "0.1500" in lines[0]
+
+
+def test_headline_has_a_row_per_domain_and_the_best_mean_in_bold(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs / "a", "SASRec", "new", "dom1", 1, 0.2)
+    write_run(runs / "b", "SASRec", "new", "dom1", 2, 0.4)
+    write_run(runs / "c", "SASRec", "sim", "dom1", 1, 0.35)
+    write_run(runs / "d", "SASRec", "sim", "dom2", 1, 0.1)
+    write_run(runs / "e", "GRU4Rec", "new", "dom1", 1, 0.9)  # another backbone: not in SASRec's headline
+    write_baseline(runs / "f", "ABXI", 1, {"dom1": 0.25, "dom2": 0.3})
+    text = headline(collect([runs]), "ndcg@10")
+    assert text.splitlines() == [
+        "| target | SASRec sim | ABXI | Taesar (new) |", "|---|---|---|---|",
+        "| dom1 | **0.3500** | 0.2500 | 0.3000 ± 0.1414 |",  # means compared: 0.35 > 0.30
+        "| dom2 | 0.1000 | **0.3000** | – |"]
