@@ -158,3 +158,39 @@ def test_torchrun_fine_tunes_data_parallel_and_tests_like_one_process(tmp_path):
     assert alone["test_ranks"] == parallel["test_ranks"]
     for key, value in alone["test"].items():
         assert abs(value - parallel["test"][key]) < 1e-12, key
+
+
+def test_torchrun_resumes_the_training_one_process_left(tmp_path, monkeypatch):
+    """One process is killed after epoch 1 of 3; a torchrun launch of the same run picks up its resume
+    file (rank 0 reads it, every rank gets its weights) and finishes the remaining epochs."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    import trainer
+    from data.paths import PROJECT_ROOT
+
+    overrides = ["train_type=sim", "target_dom=dom1", "trainer.finetune.epochs=3", "trainer.finetune.stopping_step=0",
+                 *tiny_overrides(tmp_path), *TINY_MODEL]
+    save = trainer._save_resume_state
+
+    def killed_after_epoch_one(path, model, optimizer, state, meta):
+        save(path, model, optimizer, state, meta)
+        if state["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "_save_resume_state", killed_after_epoch_one)
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(compose("finetune", overrides))
+    resume = next((tmp_path / "checkpoint").rglob("*.resume"))
+    first_epoch = torch.load(resume, weights_only=True)["trainer"]["history"][0]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "finetune.py", *overrides, f"hydra.run.dir={tmp_path}/hydra" + "${rank_suffix:}"],
+                          cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming from {resume} after epoch 1" in done.stderr + done.stdout
+    saved = torch.load(resume.with_suffix(""), weights_only=True)
+    assert saved["epochs_run"] == 3 and saved["history"][0] == first_epoch and not resume.exists()
