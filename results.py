@@ -98,8 +98,8 @@ def table(runs: list[dict]) -> tuple[list[str], list[list[str]], list[dict]]:
 
 def headline(runs: list[dict], metric: str = "ndcg@10", backbone: str = "SASRec") -> str:
     """Markdown: one row per target domain, one column per method of the comparison (`backbone` on
-    sim, SASRec4, the baselines, Taesar: `backbone` on new), `mean ± std` over seeds, the best
-    mean in bold; columns without runs are left out."""
+    sim, SASRec4, the baselines, Taesar: `backbone` on new), `mean ± std` over seeds (n: how many),
+    the best mean in bold; columns without runs are left out."""
     if len({r["dataset"] for r in runs}) != 1:
         raise ValueError("headline: the runs are of more than one dataset")
     _, _, records = table(runs)
@@ -108,7 +108,12 @@ def headline(runs: list[dict], metric: str = "ndcg@10", backbone: str = "SASRec"
                *(((m, MIXED), m) for m in CROSS_DOMAIN[1:]), ((backbone, "new (taesar)"), "Taesar (new)")]
     columns = [(key, name) for key, name in columns if key in by_label]
     domains = sorted({r["target_dom"] for r in runs}, key=lambda d: int(d[3:]))
-    lines = ["| target | " + " | ".join(name for _, name in columns) + " |", "|---|" + "---|" * len(columns)]
+    def seeds(key):
+        counts = sorted({by_label[key][f"{dom} {metric} seeds"] for dom in domains} - {0})
+        return f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+
+    lines = ["| target | " + " | ".join(f"{name} (n={seeds(key)})" for key, name in columns) + " |",
+             "|---|" + "---|" * len(columns)]
     for dom in domains:
         means = [by_label[key][f"{dom} {metric}"] for key, _ in columns]
         best = max((float(m) for m in means if m), default=None)

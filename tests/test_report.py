@@ -18,7 +18,7 @@ def test_report_on_tiny_data_is_complete_and_resumable(tmp_path):
     text = main(argv)
     out = tmp_path / "report"
     assert "## Table 2" in text and "| TINY | SASRec4 | full |" in text and "new (taesar)" in text
-    assert "| target | SASRec sim | SASRec4 (full) | Taesar (new) |" in text  # the headline table
+    assert "| target | SASRec sim (n=1) | SASRec4 (full) (n=1) | Taesar (new) (n=1) |" in text  # the headline table
     claims = json.loads((out / "claims.json").read_text())
     assert [c["claim"] for c in claims] == ["new > sim", "new > full"]
     for claim in claims:

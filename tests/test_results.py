@@ -77,10 +77,11 @@ def test_headline_has_a_row_per_domain_and_the_best_mean_in_bold(tmp_path):
     write_run(runs / "b", "SASRec", "new", "dom1", 2, 0.4)
     write_run(runs / "c", "SASRec", "sim", "dom1", 1, 0.35)
     write_run(runs / "d", "SASRec", "sim", "dom2", 1, 0.1)
+    write_run(runs / "d2", "SASRec", "sim", "dom2", 2, 0.1)
     write_run(runs / "e", "GRU4Rec", "new", "dom1", 1, 0.9)  # another backbone: not in SASRec's headline
     write_baseline(runs / "f", "ABXI", 1, {"dom1": 0.25, "dom2": 0.3})
     text = headline(collect([runs]), "ndcg@10")
     assert text.splitlines() == [
-        "| target | SASRec sim | ABXI | Taesar (new) |", "|---|---|---|---|",
+        "| target | SASRec sim (n=1–2) | ABXI (n=1) | Taesar (new) (n=2) |", "|---|---|---|---|",
         "| dom1 | **0.3500** | 0.2500 | 0.3000 ± 0.1414 |",  # means compared: 0.35 > 0.30
-        "| dom2 | 0.1000 | **0.3000** | – |"]
+        "| dom2 | 0.1000 ± 0.0000 | **0.3000** | – |"]
