@@ -72,8 +72,9 @@ class Report:
         started = time.perf_counter()
         metrics = runner(compose(stage, [f"dataset={self.dataset}", *overrides, *self.for_stage(stage),
                                          f"run_dir={folder}"]))
-        # the wall time of what this call ran (nothing was reused by the stage when it trained)
-        write_text_atomic(folder / "seconds.json", json.dumps({"seconds": time.perf_counter() - started}) + "\n")
+        # the wall time of what this call ran (nothing was reused by the stage when it trained), and where
+        write_text_atomic(folder / "seconds.json", json.dumps({"seconds": time.perf_counter() - started,
+                                                               "machine": machine()}) + "\n")
         return metrics
 
     def seconds(self, name: str) -> float | None:
