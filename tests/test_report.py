@@ -38,3 +38,19 @@ def test_report_on_tiny_data_is_complete_and_resumable(tmp_path):
                       *overrides])
     assert "| TINY | SASRec | new (taesar) |" in collected
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("metrics.json")} == stamps
+
+
+def test_claims_against_the_baselines_pair_the_same_users():
+    from analysis.report import comparisons
+
+    def ranks(users, values):
+        return {"test_ranks": {"users": users, "ranks": values}}
+
+    users, better = list(range(1, 31)), [0] * 20 + [30] * 10  # 20 of 30 users ranked first, 10 missed
+    runs = {("SASRec", "new", "dom1", 1): ranks(users, better),
+            ("SASRec", "sim", "dom1", 1): ranks(users, better),
+            # another order of the same users: paired by user id (ABXI misses the top 10 for everyone)
+            ("ABXI", "mixed", "dom1", 1): ranks(users[::-1], [30] * 10 + [20] * 20)}
+    rows = comparisons(runs, ["SASRec"], ["dom1"], ["ABXI", "CGRec"])  # no full and no CGRec run: no claim
+    assert [(r["claim"], r["verdict"]) for r in rows] == [("new > sim", "undecided"), ("new > ABXI", "holds")]
+    assert rows[0]["delta"] == 0.0 and abs(rows[1]["delta"] - 2 / 3) < 1e-12  # NDCG 1 against 0 for 20 users
