@@ -77,6 +77,32 @@ class Report:
                                                                "machine": machine()}) + "\n")
         return metrics
 
+    def probe(self, name: str, seed: int, stage1: list[str]) -> dict | None:
+        """The selectivity probe of one seed's Stage I (analysis/selectivity.py) for every target
+        domain, cached in OUT/runs/NAME.json (with `collect_only`, only what is cached)."""
+        path = self.out / "runs" / f"{name}.json"
+        if path.is_file():
+            return json.loads(path.read_text(encoding="utf-8"))
+        if self.collect_only:
+            return None
+        from analysis.selectivity import expert_argmax_in_target
+        from decoding import load_stage1
+        from pipeline.artifacts import open_dataset
+        from pipeline.distributed import World
+        from pipeline.settings import compose, stage_settings
+
+        cfg = stage_settings(compose("decoding", [f"dataset={self.dataset}", f"seed={seed}", "target_dom=all", *stage1,
+                                                  *self.for_stage("decoding")]), "dec")
+        dataset = open_dataset(cfg)
+        device = World().device(cfg.gpu_id)
+        models = load_stage1(cfg, dataset, device)
+        rows = dataset.rows("full.train")
+        probe = {dom: expert_argmax_in_target(models[dom], rows, dataset.domains, t, cfg.MAX_ITEM_LIST_LENGTH,
+                                              device=device)
+                 for t, dom in enumerate(dataset.domains.names, start=1)}
+        write_text_atomic(path, json.dumps(probe, indent=1) + "\n")
+        return probe
+
     def seconds(self, name: str) -> float | None:
         path = self.out / "runs" / name / "seconds.json"
         return json.loads(path.read_text(encoding="utf-8"))["seconds"] if path.is_file() else None
@@ -207,6 +233,7 @@ def selectivity(report: Report, seeds, domains, base_epochs, expert_epochs) -> l
         for seed in seeds:
             report.pipeline(seed, domains, stage1)
             decoded = report.run(f"stage2/{tag}/all-seed{seed}", "decoding", [f"seed={seed}", "target_dom=all", *stage1])
+            probe = report.probe(f"selectivity/{tag}/probe-seed{seed}", seed, stage1) if decoded else None
             for dom in domains:
                 tuned = report.run(f"selectivity/{tag}/{dom}-seed{seed}", "finetune",
                                    [f"seed={seed}", f"target_dom={dom}", "model_name=SASRec", "train_type=new",
@@ -217,8 +244,14 @@ def selectivity(report: Report, seeds, domains, base_epochs, expert_epochs) -> l
                 for source, counts in summary["source_items"].items():
                     rows.append({"trained": which, "epochs": str(epochs), "seed": seed, "target": dom,
                                  "source": source, "converted": counts["replaced"] / max(counts["seen"], 1),
-                                 "ndcg@10": tuned["test"]["ndcg@10"]})
+                                 "ndcg@10": tuned["test"]["ndcg@10"],
+                                 "expert_argmax_in_target": _share(probe, dom, source)})
     return rows
+
+
+def _share(probe: dict | None, target: str, source: str) -> float | None:
+    counts = (probe or {}).get(target, {}).get(source)
+    return counts["in_target"] / counts["positions"] if counts and counts["positions"] else None
 
 
 # --------------------------------------------------------------------------- writing
@@ -288,9 +321,15 @@ def write_report(out: Path, args, parts: dict) -> str:
                 here = [r for r in mine if r["target"] == dom]
                 per_seed = {r["seed"]: r["ndcg@10"] for r in here}
                 body.append([trained, epochs, dom, _mean_std([r["converted"] for r in here]),
+                             _mean_std([r["expert_argmax_in_target"] for r in here
+                                        if r.get("expert_argmax_in_target") is not None]),
                              _mean_std(list(per_seed.values()))])
         lines += ["## Selectivity: conversion and Stage III NDCG@10 against the training lengths", "",
-                  markdown_table(["trained", "epochs", "target", "converted share of source items", "NDCG@10"], body),
+                  "Means over seeds and source domains (± their std); the probe column is the share of the "
+                  "positions decoding decides at which the target expert's own arg-max over all items lies in "
+                  "the target domain (analysis/selectivity.py).", "",
+                  markdown_table(["trained", "epochs", "target", "converted share of source items",
+                                  "target expert's arg-max in the target domain", "NDCG@10"], body),
                   ""]
         if rows:
             lines += [f"![selectivity]({plot_selectivity(rows, out / 'selectivity.png').name})", ""]
@@ -313,7 +352,7 @@ def plot_selectivity(rows: list[dict], png: Path) -> Path:
 
     from analysis import save_figure
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, key, label in ((axes[0], "converted", "converted share of source items"), (axes[1], "ndcg@10", "NDCG@10")):
         for trained, style in (("base", "-o"), ("expert", "--s")):
             mine = [r for r in rows if r["trained"] == trained]
@@ -326,6 +365,16 @@ def plot_selectivity(rows: list[dict], png: Path) -> Path:
         ax.set(xlabel="epochs (es: early stopping)", ylabel=label)
         ax.grid(linewidth=0.3)
     axes[1].legend(fontsize=6, ncol=2)
+    probed = [r for r in rows if r.get("expert_argmax_in_target") is not None]
+    for trained, marker in (("base", "o"), ("expert", "s")):
+        mine = [r for r in probed if r["trained"] == trained]
+        axes[2].scatter([r["expert_argmax_in_target"] for r in mine], [r["converted"] for r in mine], s=8,
+                        marker=marker, label=f"{trained} length varied", alpha=0.7)
+    axes[2].plot([0, 1], [0, 1], color="grey", linewidth=0.6)
+    axes[2].set(xlabel="target expert's arg-max in the target domain", ylabel="converted share",
+                xlim=(0, 1), ylim=(0, 1))
+    axes[2].legend(fontsize=6)
+    axes[2].grid(linewidth=0.3)
     fig.tight_layout()
     return save_figure(fig, png, dpi=100)
 

@@ -27,7 +27,8 @@ def test_report_on_tiny_data_is_complete_and_resumable(tmp_path):
     selectivity = json.loads((out / "selectivity.json").read_text())
     assert {(r["trained"], r["epochs"]) for r in selectivity} == {("base", "1"), ("expert", "1")}
     assert {r["source"] for r in selectivity} == {"dom2", "dom3"}
-    assert all(0.0 <= r["converted"] <= 1.0 for r in selectivity)
+    assert all(0.0 <= r["converted"] <= 1.0 and 0.0 <= r["expert_argmax_in_target"] <= 1.0 for r in selectivity)
+    assert len(list((out / "runs" / "selectivity").rglob("probe-seed2025.json"))) == 2  # one per setting
     assert (out / "selectivity.png").read_bytes().startswith(b"\x89PNG")
     stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("metrics.json")}
     assert len(stamps) == 1 + 1 + 3 + 2 * (1 + 1 + 1)  # stage I, stage II (all domains), table 2; per setting I, II, III
