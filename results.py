@@ -105,6 +105,7 @@ def headline(runs: list[dict], metric: str = "ndcg@10", backbone: str = "SASRec"
     _, _, records = table(runs)
     by_label = {(r["model"], r["train"]): r for r in records}
     columns = [((backbone, "sim"), f"{backbone} sim"), (("SASRec4", "full"), "SASRec4 (full)"),
+               (("SASRec4", "full (mixed history)"), "SASRec4 (full, mixed history)"),
                *(((m, MIXED), m) for m in CROSS_DOMAIN[1:]), ((backbone, "new (taesar)"), "Taesar (new)")]
     columns = [(key, name) for key, name in columns if key in by_label]
     domains = sorted({r["target_dom"] for r in runs}, key=lambda d: int(d[3:]))

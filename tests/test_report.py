@@ -18,7 +18,8 @@ def test_report_on_tiny_data_is_complete_and_resumable(tmp_path):
     text = main(argv)
     out = tmp_path / "report"
     assert "## Table 2" in text and "| TINY | SASRec4 | full |" in text and "new (taesar)" in text
-    assert "| target | SASRec sim (n=1) | SASRec4 (full) (n=1) | Taesar (new) (n=1) |" in text  # the headline table
+    assert ("| target | SASRec sim (n=1) | SASRec4 (full) (n=1) | SASRec4 (full, mixed history) (n=1) | "
+            "Taesar (new) (n=1) |") in text  # the headline table
     claims = json.loads((out / "claims.json").read_text())
     assert [c["claim"] for c in claims] == ["new > sim", "new > full"]
     for claim in claims:
@@ -31,7 +32,8 @@ def test_report_on_tiny_data_is_complete_and_resumable(tmp_path):
     assert len(list((out / "runs" / "selectivity").rglob("probe-seed2025.json"))) == 2  # one per setting
     assert (out / "selectivity.png").read_bytes().startswith(b"\x89PNG")
     stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("metrics.json")}
-    assert len(stamps) == 1 + 1 + 3 + 2 * (1 + 1 + 1)  # stage I, stage II (all domains), table 2; per setting I, II, III
+    # stage I, stage II (all domains), table 2 (sim, full, new, full with mixed histories); per setting I, II, III
+    assert len(stamps) == 1 + 1 + 4 + 2 * (1 + 1 + 1)
     assert main(argv) == text  # nothing run again, the same report
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("metrics.json")} == stamps
     # collect-only with more seeds: the missing seed's runs are not made, the table has what exists
