@@ -359,15 +359,17 @@ def plot_selectivity(rows: list[dict], png: Path) -> Path:
     from analysis import save_figure
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    # one shared axis of training lengths (base and expert settings), so that every tick is labelled
+    labels = [e for _, e in sorted({(_epochs_order(r["epochs"]), r["epochs"]) for r in rows})]
     for ax, key, label in ((axes[0], "converted", "converted share of source items"), (axes[1], "ndcg@10", "NDCG@10")):
         for trained, style in (("base", "-o"), ("expert", "--s")):
             mine = [r for r in rows if r["trained"] == trained]
             for dom in sorted({r["target"] for r in mine}):
                 points = sorted({(_epochs_order(r["epochs"]), r["epochs"]) for r in mine if r["target"] == dom})
-                xs = list(range(len(points)))
+                xs = [labels.index(e) for _, e in points]
                 ys = [stats.fmean([r[key] for r in mine if r["target"] == dom and r["epochs"] == e]) for _, e in points]
                 ax.plot(xs, ys, style, label=f"{trained} {dom}", markersize=3)
-                ax.set_xticks(xs, [e for _, e in points])
+        ax.set_xticks(range(len(labels)), labels)
         ax.set(xlabel="epochs (es: early stopping)", ylabel=label)
         ax.grid(linewidth=0.3)
     axes[1].legend(fontsize=6, ncol=2)
