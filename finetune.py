@@ -37,8 +37,8 @@ from trainer import Evaluation, check_meta, evaluate, fit, load_checkpoint, resu
 
 log = logging.getLogger(__name__)
 # Keys only Stage III reads: left out of the decoding command a missing regenerated file asks for.
-FINETUNE_KEYS = ("stage", "train_type", "eval_history", "model_name", "model", "new_inter_path", "trainer.finetune", "epochs",
-                 "train_batch_size", "learning_rate", "weight_decay", "stopping_step", "eval_step")
+FINETUNE_KEYS = ("stage", "train_type", "eval_history", "model_name", "model", "new_inter_path", "trainer.finetune",
+                 "epochs", "train_batch_size", "learning_rate", "weight_decay", "stopping_step", "eval_step")
 
 
 def training_rows(cfg: DictConfig, dataset):

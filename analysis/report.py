@@ -7,8 +7,9 @@
 Parts (`--parts`, all by default):
 
 - `table2`: Table 2, every backbone (`--backbones`) on `sim`, `full` and `new` for every target
-  domain (`--domains`), with the cross-domain baselines (`--baselines`), mean ± std over the seeds;
-  and for each backbone and domain the paired comparisons new vs sim and new vs full: the mean
+  domain (`--domains`), SASRec4 also with mixed histories (`eval_history=mixed`), with the
+  cross-domain baselines (`--baselines`), mean ± std over the seeds, and a headline table; and
+  for each backbone and domain the paired comparisons of new with sim, full and each baseline: the mean
   difference of test NDCG@10, its 95% interval from a paired bootstrap over test users pooled
   over seeds (analysis/statistics.py), and the verdict (holds / does not hold / undecided).
 - `table3`: the six variants of Table 3 for every target domain (SASRec).
@@ -16,7 +17,8 @@ Parts (`--parts`, all by default):
   domain, first seed.
 - `selectivity`: how the share of source items decoding converts, and Stage III's NDCG@10 on the
   regenerated rows, depend on how long the base model and the experts train
-  (`--base-epochs`, `--expert-epochs`; `es` is early stopping, the default).
+  (`--base-epochs`, `--expert-epochs`; `es` is early stopping, the default), beside where the
+  target expert's own arg-max lies (analysis/selectivity.py).
 
 Every run goes through the stage functions, which reuse every finished artifact (prepared data,
 checkpoints, regenerated files) and resume an interrupted training; each run's metrics.json lands
