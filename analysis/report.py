@@ -23,22 +23,30 @@ Parts (`--parts`, all by default):
 Every run goes through the stage functions, which reuse every finished artifact (prepared data,
 checkpoints, regenerated files) and resume an interrupted training; each run's metrics.json lands
 in `OUT/runs/...`, so the report can be built up over several invocations (and a run already
-there is not repeated). `OUT/report.md` and its tables, CSVs and figures are written from whatever
-runs exist. Hydra overrides for every stage follow `--`; `STAGE:KEY=VALUE` (pretrain, decoding,
+there is not repeated). The report can move: where a missing run needs Stage I and II artifacts
+that are not on this machine, they are rebuilt, and `OUT/runs/stage*/.../rebuilt.json` says whether
+the rebuild reproduced the recorded metrics. `OUT/report.md` and its tables, CSVs and figures are
+written from whatever runs exist. Hydra overrides for every stage follow `--`; `STAGE:KEY=VALUE` (pretrain, decoding,
 finetune, baseline) goes to one stage only.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import statistics as stats
+import tempfile
 import time
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 from analysis.statistics import Comparison, aligned, paired_bootstrap
 from data.files import write_text_atomic
 from data.paths import project_path
+
+log = logging.getLogger(__name__)
 
 PARTS = ("table2", "table3", "figures", "selectivity")
 BACKBONES = ("SASRec", "GRU4Rec", "CL4SRec", "GCEGNN")
@@ -54,16 +62,29 @@ class Report:
     def __init__(self, dataset: str, out: Path, overrides: list[str], collect_only: bool = False):
         self.dataset, self.out, self.overrides = dataset, Path(out), list(overrides)
         self.collect_only = collect_only
+        self.built: set[tuple[int, str]] = set()  # (seed, Stage I tag) whose artifacts this process made sure of
 
-    def run(self, name: str, stage: str, overrides: list[str]) -> dict | None:
+    def run(self, name: str, stage: str, overrides: list[str], needs: Callable[[], None] | None = None) -> dict | None:
         """The metrics of run `name` (OUT/runs/NAME/metrics.json), running the stage when it has none
-        (with `collect_only`, None instead)."""
+        (with `collect_only`, None instead); `needs` makes its inputs first (only when it runs)."""
         folder = self.out / "runs" / name
         done = folder / "metrics.json"
         if done.is_file():
             return json.loads(done.read_text(encoding="utf-8"))
         if self.collect_only:
             return None
+        if needs is not None:
+            needs()
+            if done.is_file():  # what it needed was this run (Stage II of the selectivity study)
+                return json.loads(done.read_text(encoding="utf-8"))
+        started = time.perf_counter()
+        metrics = self.call(stage, overrides, folder)
+        # the wall time of what this call ran (nothing was reused by the stage when it trained), and where
+        write_text_atomic(folder / "seconds.json", json.dumps({"seconds": time.perf_counter() - started,
+                                                               "machine": machine()}) + "\n")
+        return metrics
+
+    def call(self, stage: str, overrides: list[str], run_dir: Path) -> dict:
         from cdsr_baseline.train import run_baseline
         from decoding import run_decoding
         from finetune import run_finetune
@@ -72,13 +93,8 @@ class Report:
 
         runner = {"pretrain": run_pretrain, "decoding": run_decoding, "finetune": run_finetune,
                   "baseline": run_baseline}[stage]
-        started = time.perf_counter()
-        metrics = runner(compose(stage, [f"dataset={self.dataset}", *overrides, *self.for_stage(stage),
-                                         f"run_dir={folder}"]))
-        # the wall time of what this call ran (nothing was reused by the stage when it trained), and where
-        write_text_atomic(folder / "seconds.json", json.dumps({"seconds": time.perf_counter() - started,
-                                                               "machine": machine()}) + "\n")
-        return metrics
+        return runner(compose(stage, [f"dataset={self.dataset}", *overrides, *self.for_stage(stage),
+                                      f"run_dir={run_dir}"]))
 
     def probe(self, name: str, seed: int, stage1: list[str]) -> dict | None:
         """The selectivity probe of one seed's Stage I (analysis/selectivity.py) for every target
@@ -88,6 +104,7 @@ class Report:
             return json.loads(path.read_text(encoding="utf-8"))
         if self.collect_only:
             return None
+        self.pipeline(seed, stage1)
         from analysis.selectivity import expert_argmax_in_target
         from decoding import load_stage1
         from pipeline.artifacts import open_dataset
@@ -106,9 +123,10 @@ class Report:
         write_text_atomic(path, json.dumps(probe, indent=1) + "\n")
         return probe
 
-    def seconds(self, name: str) -> float | None:
+    def timing(self, name: str) -> dict | None:
+        """What seconds.json recorded of run `name`: its wall time and (runs since it was recorded) machine."""
         path = self.out / "runs" / name / "seconds.json"
-        return json.loads(path.read_text(encoding="utf-8"))["seconds"] if path.is_file() else None
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
     def for_stage(self, stage: str) -> list[str]:
         """The overrides a stage gets: `STAGE:KEY=VALUE` for that stage alone, the others for every
@@ -124,14 +142,42 @@ class Report:
                 chosen.append(override)
         return chosen
 
-    def pipeline(self, seed: int, domains: list[str], stage1: list[str] = ()) -> None:
-        """Stage I and II of one seed (and Stage I settings), every target domain decoded in one pass
-        (the stage functions reuse what exists)."""
-        if self.collect_only:
-            return
+    def pipeline(self, seed: int, stage1: list[str] = ()) -> None:
+        """Make sure the Stage I checkpoints and Stage II files of one seed (and Stage I settings) exist,
+        every target domain decoded in one pass.
+
+        A run recorded in OUT/runs is no proof that its artifacts are still here (a report continued on
+        another machine, a cleaned checkpoint folder), so a recorded stage is called again into a scratch
+        folder: the stage reuses what exists and rebuilds the rest. The recorded metrics and wall time
+        stay; a rebuild whose metrics differ from them (another CPU's arithmetic) is logged and kept in
+        OUT/runs/NAME/rebuilt.json, since the runs made from the first artifacts no longer match them."""
         tag = "-".join(o.replace("=", "") for o in stage1) or "default"
-        self.run(f"stage1/{tag}/seed{seed}", "pretrain", [f"seed={seed}", *stage1])
-        self.run(f"stage2/{tag}/all-seed{seed}", "decoding", [f"seed={seed}", "target_dom=all", *stage1])
+        if self.collect_only or (seed, tag) in self.built:
+            return
+        for name, stage, overrides in ((f"stage1/{tag}/seed{seed}", "pretrain", [f"seed={seed}", *stage1]),
+                                       (f"stage2/{tag}/all-seed{seed}", "decoding",
+                                        [f"seed={seed}", "target_dom=all", *stage1])):
+            recorded = self.out / "runs" / name / "metrics.json"
+            if not recorded.is_file():
+                self.run(name, stage, overrides)
+                continue
+            with tempfile.TemporaryDirectory() as scratch:
+                rebuilt = self.call(stage, overrides, Path(scratch))
+            matches = _outcome(rebuilt) == _outcome(json.loads(recorded.read_text(encoding="utf-8")))
+            if not matches:
+                log.warning("%s: rebuilt on %s with other metrics than recorded; the runs made from the first "
+                            "artifacts and those made from now on differ in their inputs", name, machine())
+            write_text_atomic(recorded.with_name("rebuilt.json"),
+                              json.dumps({"matches": matches, "machine": machine(), "metrics": rebuilt},
+                                         indent=1, sort_keys=True) + "\n")
+        self.built.add((seed, tag))
+
+
+def _outcome(metrics):
+    """A stage's metrics without where its artifacts lie (paths differ between checkouts)."""
+    if isinstance(metrics, dict):
+        return {k: _outcome(v) for k, v in metrics.items() if k not in ("checkpoints", "file")}
+    return metrics
 
 
 def domains_of(dataset: str, overrides: list[str]) -> list[str]:
@@ -152,14 +198,14 @@ def table2(report: Report, seeds, domains, backbones, baselines) -> dict:
     expensive runs last, so that an interrupted report already holds whole rows)."""
     runs = {}
     for seed in seeds:
-        if backbones:
-            report.pipeline(seed, domains)
+        build = partial(report.pipeline, seed)
         for backbone in backbones:
             for dom in domains:
                 for train_type in TRAIN_TYPES:
                     runs[backbone, train_type, dom, seed] = report.run(
                         f"table2/{backbone}-{train_type}-{dom}-seed{seed}", "finetune",
-                        [f"seed={seed}", f"target_dom={dom}", f"model_name={backbone}", f"train_type={train_type}"])
+                        [f"seed={seed}", f"target_dom={dom}", f"model_name={backbone}", f"train_type={train_type}"],
+                        needs=build if train_type == "new" else None)
                 if backbone == "SASRec":  # SASRec4 seeing the mixed histories the cross-domain models see
                     runs[backbone, MIXED_HISTORY, dom, seed] = report.run(
                         f"table2/SASRec-full_mixed_history-{dom}-seed{seed}", "finetune",
@@ -179,14 +225,15 @@ def table2(report: Report, seeds, domains, backbones, baselines) -> dict:
 def wall_times(report: Report, seeds, domains, baselines) -> list[list[str]]:
     """Minutes per seed: Taesar's whole pipeline (Stage I, Stage II of every domain, SASRec on the
     regenerated rows of every domain) and each baseline's run, as measured by this report."""
-    def minutes(names):
-        values = [report.seconds(n) for n in names]
-        return "–" if any(v is None for v in values) else f"{sum(values) / 60:.1f}"
     rows = []
     for seed in seeds:
         taesar = [f"stage1/default/seed{seed}", f"stage2/default/all-seed{seed}",
                   *(f"table2/SASRec-new-{d}-seed{seed}" for d in domains)]
-        rows.append([str(seed), minutes(taesar), *(minutes([f"baselines/{b}-seed{seed}"]) for b in baselines)])
+        groups = [taesar, *([f"baselines/{b}-seed{seed}"] for b in baselines)]
+        timings = [[report.timing(n) for n in names] for names in groups]
+        cells = ["–" if None in group else f"{sum(t['seconds'] for t in group) / 60:.1f}" for group in timings]
+        machines = sorted({t.get("machine", "not recorded") for group in timings for t in group if t})
+        rows.append([str(seed), *cells, "; ".join(machines) or "–"])
     return rows
 
 
@@ -220,10 +267,10 @@ def table3(report: Report, seeds, domains) -> dict:
         for variant in VARIANTS:
             experiment = [] if variant == "taesar" else [f"experiment={variant}"]
             for seed in seeds:
-                report.pipeline(seed, [dom], experiment)
                 runs[variant, dom, seed] = report.run(
                     f"table3/{variant}-{dom}-seed{seed}", "finetune",
-                    [f"seed={seed}", f"target_dom={dom}", "model_name=SASRec", "train_type=new", *experiment])
+                    [f"seed={seed}", f"target_dom={dom}", "model_name=SASRec", "train_type=new", *experiment],
+                    needs=partial(report.pipeline, seed, experiment))
     return {key: run for key, run in runs.items() if run is not None}
 
 
@@ -239,13 +286,14 @@ def selectivity(report: Report, seeds, domains, base_epochs, expert_epochs) -> l
                       f"trainer.{which}.keep=last"]
         tag = "-".join(o.replace("=", "") for o in stage1) or "default"
         for seed in seeds:
-            report.pipeline(seed, domains, stage1)
-            decoded = report.run(f"stage2/{tag}/all-seed{seed}", "decoding", [f"seed={seed}", "target_dom=all", *stage1])
+            build = partial(report.pipeline, seed, stage1)
+            decoded = report.run(f"stage2/{tag}/all-seed{seed}", "decoding", [f"seed={seed}", "target_dom=all", *stage1],
+                                 needs=build)
             probe = report.probe(f"selectivity/{tag}/probe-seed{seed}", seed, stage1) if decoded else None
             for dom in domains:
                 tuned = report.run(f"selectivity/{tag}/{dom}-seed{seed}", "finetune",
                                    [f"seed={seed}", f"target_dom={dom}", "model_name=SASRec", "train_type=new",
-                                    *stage1])
+                                    *stage1], needs=build)
                 if decoded is None or tuned is None:
                     continue
                 summary = decoded["reports"][dom]
@@ -308,7 +356,8 @@ def write_report(out: Path, args, parts: dict) -> str:
                                    r["users"], f"**{r['verdict']}**"] for r in rows]), ""]
         write_text_atomic(out / "claims.json", json.dumps(rows, indent=2) + "\n")
         lines += ["## Wall time (minutes per seed, as run by this report)", "",
-                  markdown_table(["seed", "Taesar (Stage I + II + SASRec on new, all domains)", *args.baselines],
+                  markdown_table(["seed", "Taesar (Stage I + II + SASRec on new, all domains)", *args.baselines,
+                                  "machine"],
                                  wall_times(args.report, args.seeds, args.domains, args.baselines)), ""]
     if "table3" in parts:
         from analysis.ablation import VARIANTS
@@ -415,8 +464,6 @@ def machine() -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    import logging
-
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="ACDT")
@@ -444,7 +491,7 @@ def main(argv: list[str] | None = None) -> str:
         if args.collect_only:
             parts["figures"] = sorted((out / "figures").glob("*.png"))
         else:
-            report.pipeline(args.seeds[0], args.domains)
+            report.pipeline(args.seeds[0])
             parts["figures"] = figures(report, args.seeds[0], args.domains)
     if "selectivity" in args.parts:
         parts["selectivity"] = selectivity(report, args.seeds, args.domains, args.base_epochs, args.expert_epochs)

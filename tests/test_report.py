@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from analysis.report import main
+from analysis.report import machine, main
 from tests.conftest import TINY_MODEL, tiny_overrides
 
 
@@ -20,6 +20,9 @@ def test_report_on_tiny_data_is_complete_and_resumable(tmp_path):
     assert "## Table 2" in text and "| TINY | SASRec4 | full |" in text and "new (taesar)" in text
     assert ("| target | SASRec sim (n=1) | SASRec4 (full) (n=1) | SASRec4 (full, mixed history) (n=1) | "
             "Taesar (new) (n=1) |") in text  # the headline table
+    wall_time = text.split("## Wall time")[1].split("##")[0]
+    assert "| seed | Taesar (Stage I + II + SASRec on new, all domains) | machine |" in wall_time
+    assert f"| {machine()} |" in wall_time  # the machine each figure was measured on
     claims = json.loads((out / "claims.json").read_text())
     assert [c["claim"] for c in claims] == ["new > sim", "new > full"]
     for claim in claims:
@@ -57,3 +60,37 @@ def test_claims_against_the_baselines_pair_the_same_users():
     rows = comparisons(runs, ["SASRec"], ["dom1"], ["ABXI", "CGRec"])  # no full and no CGRec run: no claim
     assert [(r["claim"], r["verdict"]) for r in rows] == [("new > sim", "undecided"), ("new > ABXI", "holds")]
     assert rows[0]["delta"] == 0.0 and abs(rows[1]["delta"] - 2 / 3) < 1e-12  # NDCG 1 against 0 for 20 users
+
+
+def test_report_continued_elsewhere_rebuilds_the_artifacts_a_missing_run_needs(tmp_path):
+    """Recorded Stage I/II runs whose checkpoints and regenerated files are gone (another machine):
+    a missing run on the regenerated rows rebuilds them, the recorded metrics stay, and the rebuild
+    says that it reproduced them."""
+    import shutil
+
+    overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith(("dataset=", "run_dir"))]
+    overrides += ["trainer.base.epochs=2", "trainer.expert.epochs=1", "trainer.finetune.epochs=1",
+                  *(f"finetune:{o}" for o in TINY_MODEL)]
+    argv = ["--dataset", "synthetic", "--seeds", "2025", "--domains", "dom1", "--backbones", "SASRec",
+            "--baselines", "--parts", "table2", "--out", str(tmp_path / "report"), "--", *overrides]
+    main(argv)
+    runs = tmp_path / "report" / "runs"
+    new = runs / "table2" / "SASRec-new-dom1-seed2025" / "metrics.json"
+    first = json.loads(new.read_text())
+    # Stage I's record as another machine's arithmetic would have left it
+    stage1 = runs / "stage1" / "default" / "seed2025" / "metrics.json"
+    recorded = json.loads(stage1.read_text())
+    recorded["valid"]["dom1"]["ndcg@10"] += 1e-9
+    stage1.write_text(json.dumps(recorded))
+    stamp = stage1.stat().st_mtime_ns
+    for folder in ("checkpoint", "regenerated"):
+        shutil.rmtree(tmp_path / folder)
+    new.unlink()
+    main(argv)
+    assert json.loads(new.read_text())["test"] == first["test"]  # the same regenerated rows, deterministically
+    assert stage1.stat().st_mtime_ns == stamp and json.loads(stage1.read_text()) == recorded
+    rebuilt = {stage: json.loads((runs / stage / "rebuilt.json").read_text())
+               for stage in ("stage1/default/seed2025", "stage2/default/all-seed2025")}
+    assert rebuilt["stage1/default/seed2025"]["matches"] is False
+    assert rebuilt["stage2/default/all-seed2025"]["matches"] is True
+    assert (tmp_path / "checkpoint").is_dir() and any((tmp_path / "regenerated").rglob("*.inter"))
