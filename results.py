@@ -127,6 +127,33 @@ def headline(runs: list[dict], metric: str = "ndcg@10", backbone: str = "SASRec"
     return "\n".join(lines) + "\n"
 
 
+def per_backbone(runs: list[dict], metric: str = "ndcg@10") -> str:
+    """Markdown: Table 2 at one metric, one column per target domain, `mean ± std` over seeds (n: how
+    many); the best mean of each domain among one backbone's rows (SASRec's with SASRec4) in bold."""
+    _, _, records = table(runs)
+    domains = sorted({r["target_dom"] for r in runs}, key=lambda d: int(d[3:]))
+    def group(record):
+        return "SASRec" if record["model"] == "SASRec4" else record["model"]
+    best = {}
+    for record in records:
+        for dom in domains:
+            if record[f"{dom} {metric}"]:
+                key = (group(record), dom)
+                best[key] = max(best.get(key, float("-inf")), float(record[f"{dom} {metric}"]))
+    lines = ["| model | train | n | " + " | ".join(domains) + " |", "|---|---|---|" + "---|" * len(domains)]
+    for record in records:
+        counts = sorted({record[f"{dom} {metric} seeds"] for dom in domains} - {0})
+        cells = []
+        for dom in domains:
+            mean, std = record[f"{dom} {metric}"], record[f"{dom} {metric} std"]
+            cell = "–" if not mean else f"{float(mean):.4f}" + (f" ± {float(std):.4f}" if std else "")
+            rivals = sum(1 for r in records if group(r) == group(record) and r[f"{dom} {metric}"])
+            cells.append(f"**{cell}**" if mean and rivals > 1 and float(mean) == best[group(record), dom] else cell)
+        n = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+        lines.append(f"| {record['model']} | {record['train']} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_tables(runs: list[dict], out: Path) -> str:
     """Write table.md and table.csv into `out`; returns the Markdown."""
     header, lines, records = table(runs)

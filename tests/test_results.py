@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from results import collect, headline, main
+from results import collect, headline, main, per_backbone
 
 METRICS = ("hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr@10", "mrr@20")
 
@@ -85,3 +85,23 @@ def test_headline_has_a_row_per_domain_and_the_best_mean_in_bold(tmp_path):
         "| target | SASRec sim (n=1–2) | ABXI (n=1) | Taesar (new) (n=2) |", "|---|---|---|---|",
         "| dom1 | **0.3500** | 0.2500 | 0.3000 ± 0.1414 |",  # means compared: 0.35 > 0.30
         "| dom2 | 0.1000 ± 0.0000 | **0.3000** | – |"]
+
+
+def test_per_backbone_table_marks_each_backbones_best_mean(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs / "a", "SASRec", "sim", "dom1", 1, 0.2)
+    write_run(runs / "b", "SASRec", "full", "dom1", 1, 0.3)  # SASRec4: one of SASRec's rows
+    write_run(runs / "c", "SASRec", "new", "dom1", 1, 0.1)
+    write_run(runs / "c2", "SASRec", "new", "dom1", 2, 0.2)
+    write_run(runs / "d", "GRU4Rec", "sim", "dom1", 1, 0.05)
+    write_run(runs / "e", "GRU4Rec", "new", "dom1", 1, 0.07)
+    write_run(runs / "f", "GRU4Rec", "new", "dom2", 1, 0.5)  # alone in its domain: nothing to beat
+    write_baseline(runs / "g", "ABXI", 1, {"dom1": 0.9, "dom2": 0.9})  # its own group: not SASRec's best
+    assert per_backbone(collect([runs]), "ndcg@10").splitlines() == [
+        "| model | train | n | dom1 | dom2 |", "|---|---|---|---|---|",
+        "| SASRec4 | full | 1 | **0.3000** | – |",
+        "| ABXI | mixed | 1 | 0.9000 | 0.9000 |",
+        "| GRU4Rec | sim | 1 | 0.0500 | – |",
+        "| GRU4Rec | new (taesar) | 1 | **0.0700** | 0.5000 |",
+        "| SASRec | sim | 1 | 0.2000 | – |",
+        "| SASRec | new (taesar) | 2 | 0.1500 ± 0.0707 | – |"]
