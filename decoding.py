@@ -133,7 +133,9 @@ def _run_decoding(cfg: DictConfig, world: World) -> dict:
     if not world.is_main:
         return {}
     # metrics.json names each file and its seed: where later analysis finds them
-    files = {dom: {**reports[dom], "seed": cfg.seed, "file": str(outputs[dom].inter)} for dom in targets}
+    # the file's digest, so that two decodings can be told to have made the same rows wherever they ran
+    files = {dom: {**reports[dom], "seed": cfg.seed, "file": str(outputs[dom].inter),
+                   "sha256": outputs[dom].read_manifest()["output"]["sha256"]} for dom in targets}
     if cfg.target_dom != ALL_DOMAINS:
         return finish_run(cfg, logger, files[cfg.target_dom])
     return finish_run(cfg, logger, {"stage": "decoding", "seed": cfg.seed, "target_dom": ALL_DOMAINS,

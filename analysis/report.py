@@ -163,21 +163,24 @@ class Report:
                 continue
             with tempfile.TemporaryDirectory() as scratch:
                 rebuilt = self.call(stage, overrides, Path(scratch))
-            matches = _outcome(rebuilt) == _outcome(json.loads(recorded.read_text(encoding="utf-8")))
-            if not matches:
-                log.warning("%s: rebuilt on %s with other metrics than recorded; the runs made from the first "
-                            "artifacts and those made from now on differ in their inputs", name, machine())
+            differences = _differences(json.loads(recorded.read_text(encoding="utf-8")), rebuilt)
+            if differences:
+                log.warning("%s: rebuilt on %s, its metrics differ from the recorded ones at %s (where a "
+                            "regenerated file's sha256 differs, the runs made from the recorded artifacts had "
+                            "other inputs than those made from now on)", name, machine(), "; ".join(differences))
             write_text_atomic(recorded.with_name("rebuilt.json"),
-                              json.dumps({"matches": matches, "machine": machine(), "metrics": rebuilt},
-                                         indent=1, sort_keys=True) + "\n")
+                              json.dumps({"matches": not differences, "differences": differences,
+                                          "machine": machine(), "metrics": rebuilt}, indent=1, sort_keys=True) + "\n")
         self.built.add((seed, tag))
 
 
-def _outcome(metrics):
-    """A stage's metrics without where its artifacts lie (paths differ between checkouts)."""
-    if isinstance(metrics, dict):
-        return {k: _outcome(v) for k, v in metrics.items() if k not in ("checkpoints", "file")}
-    return metrics
+def _differences(recorded, rebuilt, at: str = "") -> list[str]:
+    """Where a rebuilt stage's metrics differ from the recorded ones, over the keys both have (a
+    newer version may record more) less where the artifacts lie (paths differ between checkouts)."""
+    if isinstance(recorded, dict) and isinstance(rebuilt, dict):
+        return [difference for key in sorted(recorded.keys() & rebuilt.keys()) if key not in ("checkpoints", "file")
+                for difference in _differences(recorded[key], rebuilt[key], f"{at}/{key}")]
+    return [] if recorded == rebuilt else [f"{at}: {recorded} recorded, {rebuilt} rebuilt"]
 
 
 def domains_of(dataset: str, overrides: list[str]) -> list[str]:

@@ -2,6 +2,7 @@
 the reports, reuse and bad input."""
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -245,6 +246,7 @@ def test_all_target_domains_in_one_pass_write_the_files_of_one_run_per_domain(tr
         ours, theirs = json.loads(mine[manifest]), json.loads(files[manifest])
         assert ours.pop("output")["sha256"] == theirs.pop("output")["sha256"] and ours == theirs
         assert metrics["reports"][dom]["file"] == str(output.inter)
+        assert metrics["reports"][dom]["sha256"] == hashlib.sha256(output.inter.read_bytes()).hexdigest()
     # and a second call reuses every file
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "all").rglob("*.inter")}
     run_decoding(cfg)

@@ -66,7 +66,9 @@ def test_report_continued_elsewhere_rebuilds_the_artifacts_a_missing_run_needs(t
     """Recorded Stage I/II runs whose checkpoints and regenerated files are gone (another machine):
     a missing run on the regenerated rows rebuilds them, the recorded metrics stay, and the rebuild
     says that it reproduced them."""
+    import hashlib
     import shutil
+    from pathlib import Path
 
     overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith(("dataset=", "run_dir"))]
     overrides += ["trainer.base.epochs=2", "trainer.expert.epochs=1", "trainer.finetune.epochs=1",
@@ -80,7 +82,8 @@ def test_report_continued_elsewhere_rebuilds_the_artifacts_a_missing_run_needs(t
     # Stage I's record as another machine's arithmetic would have left it
     stage1 = runs / "stage1" / "default" / "seed2025" / "metrics.json"
     recorded = json.loads(stage1.read_text())
-    recorded["valid"]["dom1"]["ndcg@10"] += 1e-9
+    measured = recorded["valid"]["dom1"]["ndcg@10"]
+    recorded["valid"]["dom1"]["ndcg@10"] = measured + 1e-9
     stage1.write_text(json.dumps(recorded))
     stamp = stage1.stat().st_mtime_ns
     for folder in ("checkpoint", "regenerated"):
@@ -92,5 +95,10 @@ def test_report_continued_elsewhere_rebuilds_the_artifacts_a_missing_run_needs(t
     rebuilt = {stage: json.loads((runs / stage / "rebuilt.json").read_text())
                for stage in ("stage1/default/seed2025", "stage2/default/all-seed2025")}
     assert rebuilt["stage1/default/seed2025"]["matches"] is False
+    assert rebuilt["stage1/default/seed2025"]["differences"] == [
+        f"/valid/dom1/ndcg@10: {measured + 1e-9} recorded, {measured} rebuilt"]
+    # the same regenerated rows: the decoding records its file's digest, and the rebuild's is the same
     assert rebuilt["stage2/default/all-seed2025"]["matches"] is True
+    decoded = rebuilt["stage2/default/all-seed2025"]["metrics"]["reports"]["dom1"]
+    assert decoded["sha256"] == hashlib.sha256(Path(decoded["file"]).read_bytes()).hexdigest()
     assert (tmp_path / "checkpoint").is_dir() and any((tmp_path / "regenerated").rglob("*.inter"))
