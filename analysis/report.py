@@ -335,7 +335,8 @@ def write_report(out: Path, args, parts: dict) -> str:
     lines = [f"# Report: {args.dataset}", "",
              f"Seeds {', '.join(map(str, args.seeds))}; command `python -m analysis.report "
              f"--dataset {args.dataset} --seeds {' '.join(map(str, args.seeds))} "
-             f"--parts {' '.join(args.parts)}`; machine: {machine()}.", ""]
+             f"--parts {' '.join(args.parts)}`; written on {machine()} (each run's seconds.json names the "
+             "machine that ran it, where it was recorded).", ""]
     if "table2" in parts:
         from results import headline, per_backbone
 
