@@ -63,7 +63,8 @@ def test_regenerated_file_follows_the_contract(trained):
         assert all(a != b for a, b in zip(items, items[1:]))
 
     summary = json.loads((folder / "TINY.2025.dom2.train.summary.json").read_text())
-    assert {**summary, "seed": 2025, "file": str(path)} == report
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert {**summary, "seed": 2025, "file": str(path), "sha256": digest} == report
     for counts in summary["source_items"].values():
         assert counts["seen"] == counts["replaced"] + counts["deleted"] > 0
         assert counts["without_history"] <= counts["deleted"]
