@@ -134,12 +134,11 @@ def per_backbone(runs: list[dict], metric: str = "ndcg@10") -> str:
     domains = sorted({r["target_dom"] for r in runs}, key=lambda d: int(d[3:]))
     def group(record):
         return "SASRec" if record["model"] == "SASRec4" else record["model"]
-    best = {}
+    means = defaultdict(list)  # (backbone, domain) -> the means of its rows
     for record in records:
         for dom in domains:
             if record[f"{dom} {metric}"]:
-                key = (group(record), dom)
-                best[key] = max(best.get(key, float("-inf")), float(record[f"{dom} {metric}"]))
+                means[group(record), dom].append(float(record[f"{dom} {metric}"]))
     lines = ["| model | train | n | " + " | ".join(domains) + " |", "|---|---|---|" + "---|" * len(domains)]
     for record in records:
         counts = sorted({record[f"{dom} {metric} seeds"] for dom in domains} - {0})
@@ -147,8 +146,8 @@ def per_backbone(runs: list[dict], metric: str = "ndcg@10") -> str:
         for dom in domains:
             mean, std = record[f"{dom} {metric}"], record[f"{dom} {metric} std"]
             cell = "–" if not mean else f"{float(mean):.4f}" + (f" ± {float(std):.4f}" if std else "")
-            rivals = sum(1 for r in records if group(r) == group(record) and r[f"{dom} {metric}"])
-            cells.append(f"**{cell}**" if mean and rivals > 1 and float(mean) == best[group(record), dom] else cell)
+            rivals = means[group(record), dom]
+            cells.append(f"**{cell}**" if mean and len(rivals) > 1 and float(mean) == max(rivals) else cell)
         n = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
         lines.append(f"| {record['model']} | {record['train']} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

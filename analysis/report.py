@@ -26,8 +26,8 @@ in `OUT/runs/...`, so the report can be built up over several invocations (and a
 there is not repeated). The report can move: where a missing run needs Stage I and II artifacts
 that are not on this machine, they are rebuilt, and `OUT/runs/stage*/.../rebuilt.json` says whether
 the rebuild reproduced the recorded metrics. `OUT/report.md` and its tables, CSVs and figures are
-written from whatever runs exist. Hydra overrides for every stage follow `--`; `STAGE:KEY=VALUE` (pretrain, decoding,
-finetune, baseline) goes to one stage only.
+written from whatever runs exist. Hydra overrides for every stage follow `--`; `STAGE:KEY=VALUE`
+(pretrain, decoding, finetune, baseline) goes to one stage only.
 """
 from __future__ import annotations
 
@@ -149,8 +149,8 @@ class Report:
         A run recorded in OUT/runs is no proof that its artifacts are still here (a report continued on
         another machine, a cleaned checkpoint folder), so a recorded stage is called again into a scratch
         folder: the stage reuses what exists and rebuilds the rest. The recorded metrics and wall time
-        stay; a rebuild whose metrics differ from them (another CPU's arithmetic) is logged and kept in
-        OUT/runs/NAME/rebuilt.json, since the runs made from the first artifacts no longer match them."""
+        stay; OUT/runs/NAME/rebuilt.json keeps the rebuild's metrics and where they differ from the
+        recorded ones (another CPU's arithmetic), and a difference is logged."""
         tag = "-".join(o.replace("=", "") for o in stage1) or "default"
         if self.collect_only or (seed, tag) in self.built:
             return
