@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Callable
 
 from analysis.statistics import Comparison, aligned, paired_bootstrap
-from data.files import write_text_atomic
+from data.files import BusyError, exclusive_lock, write_text_atomic
 from data.paths import project_path
 
 log = logging.getLogger(__name__)
@@ -93,8 +93,16 @@ class Report:
 
         runner = {"pretrain": run_pretrain, "decoding": run_decoding, "finetune": run_finetune,
                   "baseline": run_baseline}[stage]
-        return runner(compose(stage, [f"dataset={self.dataset}", *overrides, *self.for_stage(stage),
-                                      f"run_dir={run_dir}"]))
+        cfg = compose(stage, [f"dataset={self.dataset}", *overrides, *self.for_stage(stage), f"run_dir={run_dir}"])
+        while True:
+            try:
+                return runner(cfg)
+            except BusyError as busy:
+                # Another job (a second report building the same table) trains this artifact now: wait
+                # for it, then call again, which reuses what it made (or resumes it, had it died).
+                log.info("%s; waiting for it to finish, then reusing what it made", busy)
+                with exclusive_lock(busy.path):
+                    pass
 
     def probe(self, name: str, seed: int, stage1: list[str]) -> dict | None:
         """The selectivity probe of one seed's Stage I (analysis/selectivity.py) for every target

@@ -128,7 +128,12 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 
 class BusyError(RuntimeError):
-    """Another process holds the lock of what this one was about to write."""
+    """Another process holds the lock of what this one was about to write; `path` is the lock file
+    (a caller that would rather wait takes `exclusive_lock(path)`, then tries again)."""
+
+    def __init__(self, path: Path, what: str = ""):
+        super().__init__(f"{path}: held by another process{f' ({what})' if what else ''}")
+        self.path = Path(path)
 
 
 @contextlib.contextmanager
@@ -145,7 +150,7 @@ def exclusive_lock(path: Path, wait: bool = True, what: str = "") -> Iterator[No
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
-            raise BusyError(f"{path}: held by another process{f' ({what})' if what else ''}") from None
+            raise BusyError(path, what) from None
         try:
             yield
         finally:

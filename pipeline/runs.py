@@ -70,6 +70,9 @@ class RunLogger:
             mode=cfg.logger.mode,
             config=OmegaConf.to_container(cfg, resolve=True),
             settings=wandb.Settings(silent=True, console="off"),
+            # A stage that ended with an error in this process (the report waits on a busy checkpoint,
+            # then calls the stage again) leaves its run open; this stage must not log into that one.
+            reinit="finish_previous",
         )
 
     def log(self, values: dict) -> None:

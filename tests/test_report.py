@@ -102,3 +102,47 @@ def test_report_continued_elsewhere_rebuilds_the_artifacts_a_missing_run_needs(t
     decoded = rebuilt["stage2/default/all-seed2025"]["metrics"]["reports"]["dom1"]
     assert decoded["sha256"] == hashlib.sha256(Path(decoded["file"]).read_bytes()).hexdigest()
     assert (tmp_path / "checkpoint").is_dir() and any((tmp_path / "regenerated").rglob("*.inter"))
+
+
+def test_report_waits_for_another_job_training_the_same_checkpoint(tmp_path, caplog):
+    """Two reports building one table on two cores: the second one to reach a checkpoint another
+    job is training waits for it and goes on (here the holder dies without a checkpoint, so the
+    waiting one trains it), instead of stopping with BusyError."""
+    import logging
+    import threading
+
+    from analysis.report import Report
+    from data.files import exclusive_lock
+    from pipeline.artifacts import stage1_paths
+    from pipeline.settings import compose
+    from trainer import lock_file
+
+    overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith(("dataset=", "run_dir"))]
+    overrides += ["trainer.base.epochs=1", "trainer.expert.epochs=1"]
+    base = stage1_paths(compose("pretrain", ["dataset=synthetic", *overrides, "seed=2025"])).base
+    held, waiting = threading.Event(), threading.Event()
+
+    class Watch(logging.Handler):
+        def emit(self, record):
+            if "waiting for it to finish" in record.getMessage():
+                waiting.set()
+
+    def other_job():
+        with exclusive_lock(lock_file(base)):
+            held.set()
+            assert waiting.wait(timeout=120), "the report never waited on the held lock"
+
+    holder = threading.Thread(target=other_job)
+    watch = Watch()
+    logging.getLogger("analysis.report").addHandler(watch)
+    try:
+        with caplog.at_level(logging.INFO, logger="analysis.report"):
+            holder.start()
+            held.wait(timeout=60)  # the other job holds the lock before the report starts
+            metrics = Report("synthetic", tmp_path / "report", overrides).call("pretrain", ["seed=2025"],
+                                                                             tmp_path / "run")
+        holder.join()
+    finally:
+        logging.getLogger("analysis.report").removeHandler(watch)
+    assert waiting.is_set() and base.is_file()
+    assert metrics["stage"] == "pretrain" and "full" in metrics["valid"] and (tmp_path / "run" / "metrics.json").is_file()
