@@ -131,6 +131,16 @@ class Report:
         write_text_atomic(path, json.dumps(probe, indent=1) + "\n")
         return probe
 
+    def trains_as_configured(self, which: str, stage1: list[str]) -> bool:
+        """Whether Stage I overrides leave the training of `which` (base, expert) as this report's
+        configuration has it, so that the runs without them are the same runs."""
+        from pipeline.settings import compose
+
+        def training(extra):
+            return compose("pretrain", [f"dataset={self.dataset}", *self.for_stage("pretrain"), *extra]).trainer[which]
+
+        return training(stage1) == training([])
+
     def timing(self, name: str) -> dict | None:
         """What seconds.json recorded of run `name`: its wall time and (runs since it was recorded) machine."""
         path = self.out / "runs" / name / "seconds.json"
@@ -295,6 +305,8 @@ def selectivity(report: Report, seeds, domains, base_epochs, expert_epochs) -> l
         else:  # a fixed length: no early stopping, the last epoch kept
             stage1 = [f"trainer.{which}.epochs={epochs}", f"trainer.{which}.stopping_step=0",
                       f"trainer.{which}.keep=last"]
+        if report.trains_as_configured(which, stage1):  # e.g. the experts' default 20 epochs: the default runs
+            stage1 = []
         tag = "-".join(o.replace("=", "") for o in stage1) or "default"
         for seed in seeds:
             build = partial(report.pipeline, seed, stage1)

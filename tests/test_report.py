@@ -33,10 +33,14 @@ def test_report_on_tiny_data_is_complete_and_resumable(tmp_path):
     assert {r["source"] for r in selectivity} == {"dom2", "dom3"}
     assert all(0.0 <= r["converted"] <= 1.0 and 0.0 <= r["expert_argmax_in_target"] <= 1.0 for r in selectivity)
     assert len(list((out / "runs" / "selectivity").rglob("probe-seed2025.json"))) == 2  # one per setting
+    # one expert epoch is what these overrides train anyway: that setting's rows are the default runs
+    assert sorted(p.name for p in (out / "runs" / "stage1").iterdir()) == [
+        "default", "trainer.base.epochs1-trainer.base.stopping_step0-trainer.base.keeplast"]
     assert (out / "selectivity.png").read_bytes().startswith(b"\x89PNG")
     stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("metrics.json")}
-    # stage I, stage II (all domains), table 2 (sim, full, new, full with mixed histories); per setting I, II, III
-    assert len(stamps) == 1 + 1 + 4 + 2 * (1 + 1 + 1)
+    # stage I, stage II (all domains), table 2 (sim, full, new, full with mixed histories); base 1 epoch:
+    # I, II, III; expert 1 epoch: III (on the default Stage II)
+    assert len(stamps) == 1 + 1 + 4 + (1 + 1 + 1) + 1
     assert main(argv) == text  # nothing run again, the same report
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("metrics.json")} == stamps
     # collect-only with more seeds: the missing seed's runs are not made, the table has what exists
