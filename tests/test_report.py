@@ -149,4 +149,5 @@ def test_report_waits_for_another_job_training_the_same_checkpoint(tmp_path, cap
     finally:
         logging.getLogger("analysis.report").removeHandler(watch)
     assert waiting.is_set() and base.is_file()
-    assert metrics["stage"] == "pretrain" and "full" in metrics["valid"] and (tmp_path / "run" / "metrics.json").is_file()
+    assert metrics["stage"] == "pretrain" and "full" in metrics["valid"]
+    assert (tmp_path / "run" / "metrics.json").is_file()
