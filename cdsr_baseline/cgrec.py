@@ -28,9 +28,10 @@ import torch
 from torch import nn
 
 from cdsr_baseline.data import domain_of
-from cdsr_baseline.layers import Intermediate, binary_loss, left_align, sample_excluding
+from cdsr_baseline.layers import (BertParams, Intermediate, bert_blocks, bert_init, binary_loss,
+                                  left_align, sample_excluding)
 from data import SequenceBatch
-from model.decoder import Block, attention_mask
+from model.decoder import attention_mask
 from pipeline.schema import at_least
 
 RESERVED = 5  # ids 0..4 of every vocabulary: pad, unknown, eos, sos, mask (the official tokenizer's)
@@ -38,15 +39,9 @@ SHAPLEY_TEMPERATURE = 0.05  # fixed in the official code
 
 
 @dataclass(kw_only=True)
-class CGRecParams:
+class CGRecParams(BertParams):
     """config/model/CGRec.yaml (the official script's values)."""
 
-    num_hidden_layers: int = field(default=3, metadata=at_least(1))
-    num_attention_heads: int = field(default=2, metadata=at_least(1))
-    hidden_size: int = field(default=128, metadata=at_least(1))
-    hidden_dropout_prob: float = field(default=0.5, metadata=at_least(0))
-    attention_probs_dropout_prob: float = field(default=0.5, metadata=at_least(0))
-    max_seq_length: int = field(default=128, metadata=at_least(2))
     hierarchical: bool = True  # the category heads and inputs
     shapley: bool = True  # the Shapley loss weights (false: every domain weighs 1)
     loss_slot: Literal["input", "target"] = "input"
@@ -114,20 +109,14 @@ class CGRec(nn.Module):
         self.fine_emb = nn.Embedding(self.fine_size, D, padding_idx=0)
         self.ln_input = nn.LayerNorm(D, eps=1e-12)
         self.dropout = nn.Dropout(p.hidden_dropout_prob)
-        self.blocks = nn.ModuleList(
-            Block(D, p.num_attention_heads, 4 * D, p.hidden_dropout_prob, p.attention_probs_dropout_prob, 1e-12)
-            for _ in range(p.num_hidden_layers))
+        self.blocks = bert_blocks(p)
         self.head_coarse = Intermediate(D, p.hidden_dropout_prob)  # I_1
         self.head_item = Intermediate(D, p.hidden_dropout_prob)  # I_2
         # the running Shapley state and its two update scalars (never trained: official, kept)
         self.register_buffer("shapley_state", torch.full((self.n_slots,), 1.0 / self.n_slots))
         self.state_decay = nn.Linear(1, 1, bias=False)
         self.state_gain = nn.Linear(1, 1, bias=False)
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)  # padding rows included; they then stay as drawn
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
+        bert_init(self)
         for p_ in (self.state_decay.weight, self.state_gain.weight):
             p_.requires_grad_(False)
 

@@ -5,12 +5,19 @@
     Intermediate    LN(z + drop(W_b GELU(W_a z + a) + b)), inner 4D (CGRec's heads, SyNCRec's towers)
     binary_loss     -log(sigma(h.E_pos) + 1e-24) - log(1 - sigma(h.E_neg) + 1e-24), mean or sum form
     left_align      right-padded rows -> their most recent items, left-padded (the baselines' layout)
+    BertParams      the Transformer keys CGRec and SyNCRec share (their official copies' common names),
+                    with bert_blocks (the layer stack) and bert_init (their initialisation)
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from model.decoder import Block
+from pipeline.schema import at_least
 
 BINARY_EPS = 1e-24  # the official copies' guard inside both logs and in the mean's denominator
 
@@ -50,6 +57,36 @@ class Intermediate(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.norm(z + self.dropout(self.outer(F.gelu(self.inner(z)))))
+
+
+@dataclass(kw_only=True)
+class BertParams:
+    """The Transformer keys of config/model/CGRec.yaml and SyNCRec.yaml (the official scripts' values)."""
+
+    num_hidden_layers: int = field(default=3, metadata=at_least(1))
+    num_attention_heads: int = field(default=2, metadata=at_least(1))
+    hidden_size: int = field(default=128, metadata=at_least(1))
+    hidden_dropout_prob: float = field(default=0.5, metadata=at_least(0))
+    attention_probs_dropout_prob: float = field(default=0.5, metadata=at_least(0))
+    max_seq_length: int = field(default=128, metadata=at_least(2))
+
+
+def bert_blocks(p: BertParams) -> nn.ModuleList:
+    """num_hidden_layers post-LN blocks of inner width 4D and LayerNorm eps 1e-12."""
+    D = p.hidden_size
+    return nn.ModuleList(
+        Block(D, p.num_attention_heads, 4 * D, p.hidden_dropout_prob, p.attention_probs_dropout_prob, 1e-12)
+        for _ in range(p.num_hidden_layers))
+
+
+def bert_init(root: nn.Module) -> None:
+    """Every Linear and Embedding weight of `root` from N(0, 0.02), padding rows included (they then
+    stay as drawn), every Linear bias 0."""
+    for module in root.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 def binary_loss(h: torch.Tensor, table: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,

@@ -28,24 +28,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdsr_baseline.data import domain_of
-from cdsr_baseline.layers import Intermediate, binary_loss, left_align, sample_excluding
+from cdsr_baseline.layers import (BertParams, Intermediate, bert_blocks, bert_init, binary_loss,
+                                  left_align, sample_excluding)
 from data import SequenceBatch
-from model.decoder import Block, attention_mask
+from model.decoder import attention_mask
 from pipeline.schema import at_least
 
 LOSS_SCALE = 1000.0  # the official divisor of the task losses (batch sums)
 
 
 @dataclass(kw_only=True)
-class SyNCRecParams:
+class SyNCRecParams(BertParams):
     """config/model/SyNCRec.yaml (the official script's values)."""
 
-    num_hidden_layers: int = field(default=3, metadata=at_least(1))
-    num_attention_heads: int = field(default=2, metadata=at_least(1))
-    hidden_size: int = field(default=128, metadata=at_least(1))
-    hidden_dropout_prob: float = field(default=0.5, metadata=at_least(0))
-    attention_probs_dropout_prob: float = field(default=0.5, metadata=at_least(0))
-    max_seq_length: int = field(default=128, metadata=at_least(2))
     expert_num: int = field(default=8, metadata=at_least(2))
     cross_expert_ratio: float = field(default=0.8, metadata=at_least(0))
     temperature: float = 1.0  # of the LRB softmax
@@ -89,9 +84,7 @@ class Expert(nn.Module):
     def __init__(self, p: SyNCRecParams):
         super().__init__()
         D = p.hidden_size
-        self.blocks = nn.ModuleList(
-            Block(D, p.num_attention_heads, 4 * D, p.hidden_dropout_prob, p.attention_probs_dropout_prob, 1e-12)
-            for _ in range(p.num_hidden_layers))
+        self.blocks = bert_blocks(p)
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
@@ -121,11 +114,7 @@ class SyNCRec(nn.Module):
         self.towers = nn.ModuleList(Intermediate(D, p.hidden_dropout_prob) for _ in range(n_modules or self.K + 1))
         self.gates = nn.ModuleList(NoisyGate(L * D, self.n_single, self.n_cross) for _ in range(n_modules or self.K + 1))
         self.register_buffer("lrb_state", torch.full((self.K,), 1.0 / self.K))
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)  # padding rows included; they then stay as drawn
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
+        bert_init(self)
         # made after the initialisation above, so with PyTorch's defaults (as in the official code)
         self.mip = nn.Linear(D, D)
         self.lrb_decay = nn.Linear(1, 1, bias=False)

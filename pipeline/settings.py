@@ -136,22 +136,35 @@ class LoggerSettings:
 
 
 @dataclass(kw_only=True)
-class PipelineSettings:
-    """config/overall.yaml: the keys every stage shares."""
+class RunSettings:
+    """The keys of every training run, Taesar's stages and the cross-domain baselines alike."""
 
     dataset: DatasetSettings
-    decoder: dict  # the Taesar decoder, checked as model.decoder.SASRecParams
-    trainer: TrainerSections
     logger: LoggerSettings
-    expert: ExpertSettings
-    decoding: DecodingSettings
-    stage: Literal["run", "dec", "tun"]
     gpu_id: int
     seed: int = field(metadata=at_least(0))
     data_path: str
     checkpoint_dir: str
-    regenerated_dir: str
     run_dir: Optional[str]
+    topk: list[int]
+    valid_metric: str
+    eval_batch_size: int = field(metadata=at_least(1))
+    MAX_ITEM_LIST_LENGTH: int = field(metadata=at_least(2))
+    resume: bool
+    overwrite: bool
+    progress: bool
+
+
+@dataclass(kw_only=True)
+class PipelineSettings(RunSettings):
+    """config/overall.yaml: the keys every stage shares."""
+
+    decoder: dict  # the Taesar decoder, checked as model.decoder.SASRecParams
+    trainer: TrainerSections
+    expert: ExpertSettings
+    decoding: DecodingSettings
+    stage: Literal["run", "dec", "tun"]
+    regenerated_dir: str
     domains: Optional[int] = field(metadata=at_least(2))
     target_dom: Optional[str]
     # The official top-level training keys: null unless given (see OFFICIAL_KEYS).
@@ -161,13 +174,6 @@ class PipelineSettings:
     weight_decay: Optional[float] = field(metadata=at_least(0))
     stopping_step: Optional[int] = field(metadata=at_least(0))
     eval_step: Optional[int] = field(metadata=at_least(1))
-    topk: list[int]
-    valid_metric: str
-    eval_batch_size: int = field(metadata=at_least(1))
-    MAX_ITEM_LIST_LENGTH: int = field(metadata=at_least(2))
-    resume: bool
-    overwrite: bool
-    progress: bool
 
 
 @dataclass(kw_only=True)
@@ -197,27 +203,13 @@ class BaselineTrainer:
 
 
 @dataclass(kw_only=True)
-class BaselineSettings:
+class BaselineSettings(RunSettings):
     """config/baseline.yaml: the cross-domain baselines (cdsr_baseline/train.py)."""
 
-    dataset: DatasetSettings
     model: dict  # checked by cdsr_baseline.models.resolve_fidelity
     trainer: BaselineTrainer
-    logger: LoggerSettings
-    gpu_id: int
-    seed: int = field(metadata=at_least(0))
-    data_path: str
-    checkpoint_dir: str
-    run_dir: Optional[str]
     baseline_fidelity: Literal["official", "corrected"]
     select_on: Literal["each", "mean"]
-    topk: list[int]
-    valid_metric: str
-    eval_batch_size: int = field(metadata=at_least(1))
-    MAX_ITEM_LIST_LENGTH: int = field(metadata=at_least(2))
-    resume: bool
-    overwrite: bool
-    progress: bool
 
 
 SCHEMAS = {"run": PipelineSettings, "dec": PipelineSettings, "tun": FinetuneSettings}

@@ -13,7 +13,7 @@ import torch
 from cdsr_baseline.abxi import ABXI, compact, domain_inputs, positions, sample_negatives
 from cdsr_baseline.cgrec import CGRec, coalitions, shapley_values
 from cdsr_baseline.data import domain_of, user_sequences
-from cdsr_baseline.layers import LoRA, binary_loss, left_align, sample_excluding
+from cdsr_baseline.layers import BertParams, LoRA, bert_blocks, bert_init, binary_loss, left_align, sample_excluding
 from cdsr_baseline.syncrec import SyNCRec
 from cdsr_baseline.train import run_baseline
 from data import SequenceBatch, SequenceLoader, SequenceRows
@@ -95,6 +95,21 @@ def test_lora_starts_at_zero_and_learns():
     assert torch.equal(lora(z), torch.zeros(3, 4))
     lora.B.data.fill_(1.0)
     assert torch.allclose(lora(z), z @ (lora.A @ lora.B).T)
+
+
+def test_bert_blocks_and_initialisation():
+    blocks = bert_blocks(BertParams(num_hidden_layers=2, hidden_size=64))
+    assert len(blocks) == 2
+    inner = [m for m in blocks[0].modules() if isinstance(m, torch.nn.Linear) and m.in_features == 64]
+    assert 4 * 64 in {m.out_features for m in inner}  # the feed-forward is 4D wide
+    torch.manual_seed(0)
+    root = torch.nn.ModuleDict({"blocks": blocks, "table": torch.nn.Embedding(2000, 64, padding_idx=0)})
+    bert_init(root)
+    linears = [m for m in root.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(torch.count_nonzero(m.bias) == 0 for m in linears if m.bias is not None)
+    weights = torch.cat([root["table"].weight.flatten()] + [m.weight.flatten() for m in linears])
+    assert weights.std().item() == pytest.approx(0.02, rel=0.02)
+    assert torch.count_nonzero(root["table"].weight[0]) == 64  # the padding row is drawn too
 
 
 def test_negative_samplers_avoid_what_they_must():
