@@ -17,6 +17,7 @@ checkpoints it was made from are unchanged, unless overwrite=true.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 
@@ -24,6 +25,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from data.files import exclusive_lock
 from data.regenerated import merge_training_rows
 from dataset.prepare import prepare_dataset
 from model.decoder import TaesarDecoder
@@ -32,7 +34,7 @@ from pipeline.artifacts import (
     ALL_DOMAINS, checkpoint_meta, decoding_inputs, open_dataset, regenerated, stage1_checkpoints, stage1_inputs,
     stage1_paths,
 )
-from pipeline.distributed import World, gather_arrays, process_group
+from pipeline.distributed import World, barrier, gather_arrays, process_group
 from pipeline.runs import RunLogger, finish_run, run_folder, seed_everything, user_errors
 from pipeline.settings import decoder_config, decoding_rule, stage_settings, variant_name
 from trainer import check_meta, load_checkpoint
@@ -96,40 +98,50 @@ def _run_decoding(cfg: DictConfig, world: World) -> dict:
     targets = domains.names if cfg.target_dom == ALL_DOMAINS else [cfg.target_dom]
     outputs = {dom: regenerated(cfg, dom) for dom in targets}
     inputs = {dom: decoding_inputs(cfg, dataset, dom) for dom in targets}
-    reports = {}
-    for dom in targets:
-        if outputs[dom].inter.is_file() and not cfg.overwrite:
-            outputs[dom].check(inputs[dom])
-            log.info("%s is decoded already from these inputs; overwrite=true decodes anew", outputs[dom].inter)
-            reports[dom] = json.loads(outputs[dom].summary.read_text(encoding="utf-8"))
-    todo = [dom for dom in targets if dom not in reports]
-    logger = None
-    if todo:
-        seed_everything(cfg.seed)
-        rows = dataset.rows("full.train")
-        results = _decode_sharded(cfg, dataset, rows, [domains.index(dom) for dom in todo], rule, world)
-        if not world.is_main:
-            return {}
-        for dom in todo:
-            result = results[domains.index(dom)]
-            original = dataset.rows(f"{dom}.train")
-            training = merge_training_rows(original, result.rows)
-            report = {**result.report, "variant": variant_name(cfg), "rows_out": len(training),
-                      "original_rows": len(original)}
-            manifest = {"dataset": dataset.name, "seed": cfg.seed, "target_dom": dom,
-                        "variant": variant_name(cfg), "inputs": inputs[dom],
-                        "decoding": OmegaConf.to_container(cfg.decoding, resolve=True),
-                        "MAX_ITEM_LIST_LENGTH": cfg.MAX_ITEM_LIST_LENGTH}
-            path = outputs[dom].write(training, report, result.mapping, manifest)
-            log.info(
-                "%s: %d source items seen, %d replaced, %d deleted; %d regenerated rows (mean length %.1f, "
-                "target-only %.1f); %d distinct target items introduced; %d training rows -> %s",
-                dom, report["source_items_seen"], report["source_items_replaced"], report["source_items_deleted"],
-                report["regenerated_rows"], report["mean_length_regenerated"], report["mean_length_target_only"],
-                report["distinct_target_items_introduced"], len(training), path,
-            )
-            reports[dom] = report
-        logger = RunLogger(cfg, run_folder(cfg), job="decoding")
+    # where the checkpoints lie (the fingerprints in `inputs` hold content only): for the mapping view
+    checkpoints = {role: str(path) for role, path in stage1_checkpoints(cfg, dataset).items()}
+    # One job decodes these files at a time: a second one started with the same settings and seed
+    # stops at once (BusyError, as a second training of a checkpoint does) instead of doing the work twice.
+    missing = cfg.overwrite or not all(outputs[dom].inter.is_file() for dom in targets)
+    lock = (exclusive_lock(outputs[targets[0]].lock, wait=False,
+                           what="another job is decoding these files now; run this one again once it is done to "
+                                "reuse them") if missing and world.is_main else contextlib.nullcontext())
+    with lock:
+        barrier(world if world.size > 1 else None)  # the others look for finished files once rank 0 holds the lock
+        reports = {}
+        for dom in targets:
+            if outputs[dom].inter.is_file() and not cfg.overwrite:
+                outputs[dom].check(inputs[dom])
+                log.info("%s is decoded already from these inputs; overwrite=true decodes anew", outputs[dom].inter)
+                reports[dom] = json.loads(outputs[dom].summary.read_text(encoding="utf-8"))
+        todo = [dom for dom in targets if dom not in reports]
+        logger = None
+        if todo:
+            seed_everything(cfg.seed)
+            rows = dataset.rows("full.train")
+            results = _decode_sharded(cfg, dataset, rows, [domains.index(dom) for dom in todo], rule, world)
+            if not world.is_main:
+                return {}
+            for dom in todo:
+                result = results[domains.index(dom)]
+                original = dataset.rows(f"{dom}.train")
+                training = merge_training_rows(original, result.rows)
+                report = {**result.report, "variant": variant_name(cfg), "rows_out": len(training),
+                          "original_rows": len(original)}
+                manifest = {"dataset": dataset.name, "seed": cfg.seed, "target_dom": dom,
+                            "variant": variant_name(cfg), "inputs": inputs[dom], "checkpoints": checkpoints,
+                            "decoding": OmegaConf.to_container(cfg.decoding, resolve=True),
+                            "MAX_ITEM_LIST_LENGTH": cfg.MAX_ITEM_LIST_LENGTH}
+                path = outputs[dom].write(training, report, result.mapping, manifest)
+                log.info(
+                    "%s: %d source items seen, %d replaced, %d deleted; %d regenerated rows (mean length %.1f, "
+                    "target-only %.1f); %d distinct target items introduced; %d training rows -> %s",
+                    dom, report["source_items_seen"], report["source_items_replaced"], report["source_items_deleted"],
+                    report["regenerated_rows"], report["mean_length_regenerated"], report["mean_length_target_only"],
+                    report["distinct_target_items_introduced"], len(training), path,
+                )
+                reports[dom] = report
+            logger = RunLogger(cfg, run_folder(cfg), job="decoding")
     if not world.is_main:
         return {}
     # metrics.json names each file and its seed: where later analysis finds them
@@ -137,7 +149,7 @@ def _run_decoding(cfg: DictConfig, world: World) -> dict:
     files = {dom: {**reports[dom], "seed": cfg.seed, "file": str(outputs[dom].inter),
                    "sha256": outputs[dom].read_manifest()["output"]["sha256"]} for dom in targets}
     if cfg.target_dom != ALL_DOMAINS:
-        return finish_run(cfg, logger, files[cfg.target_dom])
+        return finish_run(cfg, logger, {"stage": "decoding", **files[cfg.target_dom]})
     return finish_run(cfg, logger, {"stage": "decoding", "seed": cfg.seed, "target_dom": ALL_DOMAINS,
                                     "reports": files},
                       {f"{dom}/{k}": v for dom, r in reports.items() for k, v in r.items()

@@ -28,7 +28,8 @@ from data.paths import project_path
 from dataset.prepare import prepare_dataset
 from model.backbones import build_backbone
 from pipeline.artifacts import (
-    decoding_inputs, finetune_checkpoint, missing_regenerated, open_dataset, regenerated, write_settings,
+    decoding_inputs, finetune_checkpoint, missing_regenerated, open_dataset, regenerated, training_source,
+    write_settings,
 )
 from pipeline.distributed import World, process_group
 from pipeline.runs import RunLogger, finish_run, run_folder, seed_everything, user_errors
@@ -44,14 +45,13 @@ FINETUNE_KEYS = ("stage", "train_type", "eval_history", "model_name", "model", "
 def training_rows(cfg: DictConfig, dataset):
     """The training rows a `train_type` names, the record of their file, and what names them in the
     checkpoint's key (a split, the regenerated file's folder, or the explicit path)."""
+    source = training_source(cfg)
     if cfg.train_type in ("sim", "full"):
-        split = f"{cfg.target_dom}.train" if cfg.train_type == "sim" else "full.train"
-        return dataset.rows(split), dataset.fingerprint(split), split
+        return dataset.rows(source), dataset.fingerprint(source), source
     if cfg.new_inter_path:
         path = project_path(cfg.new_inter_path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: new_inter_path names no file")
-        source = str(path)
     else:
         output = regenerated(cfg)
         if not output.inter.is_file():
@@ -59,7 +59,7 @@ def training_rows(cfg: DictConfig, dataset):
                                                                          f"seed={cfg.seed}"])
             raise missing_regenerated(cfg, output, command)
         output.check(decoding_inputs(cfg, dataset, cfg.target_dom))  # decoded from today's data and checkpoints
-        path, source = output.inter, output.folder.name
+        path = output.inter
     return read_inter(path, dataset.domains.n_items, one_row_per_user=False), fingerprint(path), source
 
 
@@ -105,7 +105,7 @@ def _run_finetune(cfg: DictConfig, world: World) -> dict:
     logger = (RunLogger(cfg, run_folder(cfg), job=f"finetune-{cfg.model_name}-{cfg.train_type}-{cfg.target_dom}")
               if world.is_main else None)
     log.info("Stage III: %s on %s %s rows (%d, from %s), %s, device %s", cfg.model_name, cfg.train_type,
-             cfg.target_dom, len(rows), source_record["path"], variant_name(cfg), device)
+             cfg.target_dom, len(rows), source_record["file"], variant_name(cfg), device)
 
     def loader(rows_, shuffle, batch_size):
         return SequenceLoader(rows_, batch_size, cfg.MAX_ITEM_LIST_LENGTH, shuffle=shuffle, seed=cfg.seed)

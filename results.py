@@ -10,6 +10,14 @@ each backbone by train type; columns: HR, NDCG and MRR at 10 and 20 for each
 target domain. With several seeds a cell is `mean ± std` (sample standard
 deviation). Writes `table.md` and `table.csv` (one column per metric, mean and
 std apart) and prints the Markdown.
+
+Only like with like: a run's settings are read from the config.yaml beside its
+metrics.json (`pipeline.records.result_settings`, less the seed and the target
+domain), and the seeds of one cell are runs of the same settings. Runs of one
+model and train type made with other settings get rows of their own, marked
+with the key of their settings, and the differences are listed under the
+table. Two runs of the same seed and settings count once when their test
+metrics agree; when they disagree the command stops and names both.
 """
 from __future__ import annotations
 
@@ -23,6 +31,8 @@ from pathlib import Path
 
 from data.files import write_text_atomic
 from data.paths import project_path
+from pipeline.records import RecordError, read_metrics, recorded_settings
+from pipeline.schema import describe_differences
 
 METRICS = ("hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr@10", "mrr@20")
 HEADER = {"hr": "HR", "ndcg": "NG", "mrr": "MRR"}
@@ -34,23 +44,44 @@ MIXED = "mixed"  # the train column of a cross-domain baseline: one model on ful
 
 def collect(folders: list[Path]) -> list[dict]:
     """One record per (run, target domain) of every fine-tuning and baseline run below the folders
-    (the latest run of a setting wins); a baseline's run holds every domain."""
-    runs = {}
+    (a baseline's run holds every domain), each with its settings (`settings`: their key;
+    `settings_values`: the settings themselves)."""
+    from pipeline.artifacts import settings_key
+
+    records, origin = {}, {}
     for folder in folders:
-        for path in sorted(Path(folder).rglob("metrics.json"), key=lambda p: p.stat().st_mtime):
-            metrics = json.loads(path.read_text())
-            if metrics.get("stage") == "finetune":
-                records = [metrics]
-            elif metrics.get("stage") == "baseline":
-                records = [{"dataset": metrics["dataset"], "model_name": metrics["model_name"], "train_type": MIXED,
-                            "target_dom": dom, "variant": None, "seed": metrics["seed"], "test": test}
-                           for dom, test in metrics["test"].items()]
+        for path in sorted(Path(folder).rglob("metrics.json")):
+            metrics = read_metrics(path)
+            if metrics["stage"] == "finetune":
+                runs = [metrics]
+            elif metrics["stage"] == "baseline":
+                runs = [{"dataset": metrics["dataset"], "model_name": metrics["model_name"], "train_type": MIXED,
+                         "target_dom": dom, "variant": None, "seed": metrics["seed"], "test": test}
+                        for dom, test in metrics["test"].items()]
             else:
                 continue
-            for record in records:
-                key = (record["dataset"], *row_label(record), record["target_dom"], record["seed"])
-                runs[key] = record
-    return list(runs.values())
+            settings = row_settings(recorded_settings(path.parent, metrics["stage"]))
+            for run in runs:
+                record = {**run, "settings": settings_key(settings), "settings_values": settings}
+                key = (record["dataset"], *row_label(record), record["target_dom"], record["seed"], record["settings"])
+                if key not in records:
+                    records[key], origin[key] = record, path
+                elif records[key]["test"] != record["test"]:
+                    raise RecordError(f"{path}: a run of the same seed and settings as {origin[key]} "
+                                      f"({record['model_name']} {record['train_type']} {record['target_dom']} seed "
+                                      f"{record['seed']}) with other test metrics; keep the one that is meant and move "
+                                      "the other out of the folders given")
+    return list(records.values())
+
+
+def row_settings(settings: dict) -> dict:
+    """A run's settings as they key a row of the table: less the target domain, and less the training
+    split, which the train type and the domain already name (a regenerated file's folder, or a given
+    path, stays: it says which Stage I and II made it)."""
+    settings = {k: v for k, v in settings.items() if k != "target_dom"}
+    if settings.get("train_type") in ("sim", "full"):
+        settings.pop("source", None)
+    return settings
 
 
 def row_label(run: dict) -> tuple[str, str]:
@@ -62,12 +93,44 @@ def row_label(run: dict) -> tuple[str, str]:
     return run["model_name"], run["train_type"]
 
 
+def settings_label(run: dict, keys: dict) -> tuple[str, str]:
+    """(model, train) of a record's row: its `row_label`, with the key of its settings when runs of
+    other settings share that label."""
+    model, train = row_label(run)
+    if len(keys[run["dataset"], model, train]) > 1:
+        train = f"{train} [{run['settings']}]"
+    return model, train
+
+
+def settings_notes(runs: list[dict]) -> str:
+    """Markdown: for each (model, train) with runs of several settings, how each one differs from the
+    one with the most runs (the first key on a tie); empty when every row has one setting."""
+    by_label, counts = defaultdict(dict), defaultdict(int)
+    for run in runs:
+        by_label[run["dataset"], *row_label(run)][run.get("settings", "")] = run.get("settings_values", {})
+        counts[run.get("settings", "")] += 1
+    lines = []
+    for (dataset, model, train), settings in sorted(by_label.items()):
+        if len(settings) < 2:
+            continue
+        (first, reference), *others = sorted(settings.items(), key=lambda item: (-counts[item[0]], item[0]))
+        lines.append(f"- {dataset} {model} {train}: rows [{first}] and " + "; ".join(
+            f"[{key}] ({describe_differences(reference, values)})" for key, values in others))
+    if not lines:
+        return ""
+    return ("\nRuns of other settings are rows of their own, never averaged together (settings keys in brackets; "
+            "what differs, the first key's value -> the other's):\n\n" + "\n".join(lines) + "\n")
+
+
 def table(runs: list[dict]) -> tuple[list[str], list[list[str]], list[dict]]:
     """(header, Markdown rows, CSV records) of Table 2; one row per (dataset, model, train type, variant)."""
     cells = defaultdict(list)  # (row key, domain, metric) -> values over seeds
     rows, domains = [], set()
+    keys = defaultdict(set)  # (dataset, model, train) -> the settings of its runs
     for run in runs:
-        row = (run["dataset"], *row_label(run))
+        keys[run["dataset"], *row_label(run)].add(run.get("settings", ""))
+    for run in runs:
+        row = (run["dataset"], *settings_label(run, keys))
         if row not in rows:
             rows.append(row)
         domains.add(run["target_dom"])
@@ -80,8 +143,10 @@ def table(runs: list[dict]) -> tuple[list[str], list[list[str]], list[dict]]:
     header = ["dataset", "model", "train"] + [f"{d} {HEADER[m.split('@')[0]]}@{m.split('@')[1]}"
                                               for d in domains for m in METRICS]
     markdown, records = [], []
+    settings = {(r["dataset"], *settings_label(r, keys)): r.get("settings", "") for r in runs}
     for row in rows:
         line, record = list(row), dict(zip(("dataset", "model", "train"), row))
+        record["settings"] = settings[row]
         for d in domains:
             for metric in METRICS:
                 values = cells.get((row, d, metric), [])
@@ -157,7 +222,7 @@ def write_tables(runs: list[dict], out: Path) -> str:
     """Write table.md and table.csv into `out`; returns the Markdown."""
     header, lines, records = table(runs)
     text = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
-    text += "".join("| " + " | ".join(line) + " |\n" for line in lines)
+    text += "".join("| " + " | ".join(line) + " |\n" for line in lines) + settings_notes(runs)
     write_text_atomic(out / "table.md", text)
     buffer = io.StringIO()
     if records:
@@ -174,8 +239,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="run folders of finetune.py and cdsr_baseline/train.py (default: outputs/ multirun/)")
     parser.add_argument("--out", type=Path, default=Path("results"), help="where table.md and table.csv go")
     args = parser.parse_args(argv)
+    if args.folders:
+        missing = [str(f) for f in args.folders if not Path(f).is_dir()]
+        if missing:
+            raise SystemExit(f"error: {', '.join(missing)}: no such folder (expected run folders of finetune.py "
+                             "or cdsr_baseline/train.py)")
     folders = args.folders or [project_path("outputs"), project_path("multirun")]
-    runs = collect([f for f in folders if Path(f).exists()])
+    from pipeline.runs import user_errors
+
+    with user_errors():
+        runs = collect([f for f in folders if Path(f).exists()])
     if not runs:
         raise SystemExit(f"error: no finetune.py or cdsr_baseline/train.py metrics.json below "
                          f"{', '.join(map(str, folders))}")

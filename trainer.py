@@ -30,7 +30,9 @@ from data import SequenceBatch, SequenceLoader
 from data.files import atomic_path, exclusive_lock
 from model.metrics import KS, RankingAccumulator, rank_of_target
 from data.fingerprints import check_inputs
-from pipeline.distributed import all_gather, all_reduce_sum, barrier, broadcast_parameters, data_parallel, sum_gradients
+from pipeline.distributed import (
+    all_gather, all_reduce_sum, barrier, broadcast_parameters, data_parallel, rank_alone, sum_gradients,
+)
 from pipeline.schema import ConfigError, above, at_least, check_ranges
 
 log = logging.getLogger(__name__)
@@ -233,14 +235,16 @@ def _fit(model, loss_fn, train, config, *, checkpoint, meta, valid, select_on, r
         model.load_state_dict(saved["state_dict"])
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["trainer"]
-        torch.set_rng_state(saved["rng"]["cpu"])
-        if torch.cuda.is_available() and saved["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+        restored = _restore_rng(saved["rng"], world)
         log.info("%sresuming from %s after epoch %d", prefix, resume_path, state["epoch"])
+    else:
+        restored = False
     if world:
-        # Every rank starts from rank 0's weights; dropout draws differ by rank.
+        # Every rank starts from rank 0's weights; dropout draws differ by rank (a resumed run goes on
+        # with each rank's own saved stream).
         broadcast_parameters(model)
-        torch.manual_seed(torch.initial_seed() + world.rank)
+        if not restored:
+            torch.manual_seed(torch.initial_seed() + world.rank)
     key_prefix = f"{log_prefix}/" if log_prefix else ""
     epochs = tqdm(range(state["epoch"], config.epochs), desc=f"{log_prefix or 'training'} epochs",
                   initial=state["epoch"], total=config.epochs, disable=not progress)
@@ -253,22 +257,7 @@ def _fit(model, loss_fn, train, config, *, checkpoint, meta, valid, select_on, r
         loss_sum = torch.zeros((), device=device)
         for batch in tqdm(train, desc=f"epoch {epoch}", leave=False, disable=not progress):
             optimizer.zero_grad(set_to_none=True)
-            if world:
-                # The batch is the global one; each rank takes its share of the rows and weights
-                # its (row-averaged) loss by that share, so the summed gradients are the batch's.
-                share = world.shard(len(batch.users))
-                weight = len(share) / len(batch.users)
-                batch = batch.rows(share.start, share.stop)
-            batch = batch.to(device)
-            if len(batch.users):
-                with _autocast(device, config.enable_amp):
-                    loss = loss_fn(model, batch)
-                (loss * weight if world else loss).backward()
-            else:
-                loss = torch.zeros((), device=device)
-            if world:
-                sum_gradients(model)
-                loss = loss.detach() * weight
+            loss = backward_global_batch(model, loss_fn, batch, world, device, config.enable_amp)
             if config.clip_grad_norm:
                 nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
             optimizer.step()
@@ -298,8 +287,9 @@ def _fit(model, loss_fn, train, config, *, checkpoint, meta, valid, select_on, r
         state["epoch"] = epoch + 1
         if logger is not None:
             logger.log({**_flat(record, key_prefix), f"{key_prefix}train/seconds": seconds})
+        rng = _rng_states(world)  # every rank's generators (a collective call under torchrun)
         if world is None or world.is_main:  # rank 0 alone writes; the others wait for the file
-            _save_resume_state(resume_path, model, optimizer, state, meta)
+            _save_resume_state(resume_path, model, optimizer, state, meta, rng)
         barrier(world)
         if stop:
             log.info("%sstopping early: no %s improvement in %d evaluations", prefix, config.valid_key,
@@ -313,6 +303,36 @@ def _fit(model, loss_fn, train, config, *, checkpoint, meta, valid, select_on, r
         resume_path.unlink(missing_ok=True)
     barrier(world)
     return FitResult(kept_metrics, state["epoch"], kept_epoch, state["history"])
+
+
+def backward_global_batch(model: nn.Module, loss_fn: LossFn, batch: SequenceBatch, world, device,
+                          enable_amp: bool = False) -> torch.Tensor:
+    """The loss of the global batch `batch` (detached; under torchrun this rank's part of it), with its
+    gradient in the parameters' `.grad`, summed over the ranks.
+
+    Under torchrun each rank takes its contiguous share of the rows. A row-mean loss is weighted by
+    that share; a model whose loss reduces over the ranks itself (`loss_reduces_over_ranks`,
+    pipeline/distributed.py) gives its part of the global loss. Either way the summed gradients are
+    the global batch's, as one process computes them. A batch with fewer rows than ranks is rank 0's
+    alone."""
+    alone, weight = contextlib.nullcontext(), 1.0
+    if world:
+        rows = len(batch.users)
+        share = world.shard(rows) if rows >= world.size else range(rows if world.is_main else 0)
+        alone = rank_alone() if rows < world.size else alone
+        if not getattr(model, "loss_reduces_over_ranks", False):
+            weight = len(share) / rows
+        batch = batch.rows(share.start, share.stop)
+    batch = batch.to(device)
+    if len(batch.users):
+        with _autocast(device, enable_amp), alone:
+            loss = loss_fn(model, batch)
+        (loss * weight if world else loss).backward()
+    else:
+        loss = torch.zeros((), device=device)
+    if world:
+        sum_gradients(model)
+    return loss.detach() * weight
 
 
 class _Selection:
@@ -448,13 +468,45 @@ def check_meta(saved: dict, expected: dict, path: Path) -> None:
             )
 
 
-def _save_resume_state(path: Path, model, optimizer, state: dict, meta: dict) -> None:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+def _rng_states(world) -> dict:
+    """This process's generator states (`cpu`, `cuda`); under torchrun also `ranks`, every rank's, in
+    rank order, so that a resumed run goes on with each rank's own stream of dropout and negatives."""
+    own = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    if world is None:
+        return own
+    return {**own, "ranks": all_gather(world, own)}
+
+
+def _restore_rng(saved: dict, world) -> bool:
+    """Put back the generator states a resume file saved; returns whether this rank's own were there.
+
+    A resume file of another number of processes holds no state of this rank: the run goes on with
+    a fresh stream per rank (the weights, optimiser and epoch are still restored), as said in the log."""
+    if world is None:
+        if len(saved.get("ranks") or []) > 1:
+            log.warning("the resume file holds the random state of %d processes, this run is one: it goes on with "
+                        "rank 0's stream, so it is not the same as an uninterrupted run", len(saved["ranks"]))
+        own = saved
+    else:
+        ranks = saved.get("ranks") or []
+        if len(ranks) != world.size:
+            log.warning("the resume file holds the random state of %d process(es), this run has %d: each rank "
+                        "draws a fresh stream from here, so the run is not the same as an uninterrupted one",
+                        len(ranks) or 1, world.size)
+            return False
+        own = ranks[world.rank]
+    torch.set_rng_state(own["cpu"])
+    if torch.cuda.is_available() and own["cuda"]:
+        torch.cuda.set_rng_state_all(own["cuda"])
+    return True
+
+
+def _save_resume_state(path: Path, model, optimizer, state: dict, meta: dict, rng: dict) -> None:
     save_checkpoint(path, {
         "state_dict": _cpu_copy(model.state_dict()),
         "optimizer": optimizer.state_dict(),
         "trainer": state,
-        "rng": {"cpu": torch.get_rng_state(), "cuda": cuda},
+        "rng": rng,
         "meta": meta,
     })
 

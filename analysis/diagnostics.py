@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -227,8 +228,8 @@ def resolve_inputs(args: argparse.Namespace):
     else:
         output = regenerated(cfg)
         if not output.inter.is_file():
-            raise missing_regenerated(cfg, output, " ".join(["python decoding.py", f"target_dom={args.target}",
-                                                              *args.overrides]))
+            raise missing_regenerated(cfg, output, shlex.join(["python", "decoding.py", f"target_dom={args.target}",
+                                                               *args.overrides]))
     manifest = output.read_manifest() if output.manifest.is_file() else None
     if manifest is not None:
         for key, expected in (("dataset", dataset.name), ("target_dom", args.target)):

@@ -163,12 +163,14 @@ def main(argv: list[str] | None = None) -> dict:
     dataset, output, manifest = resolve_inputs(args)
     path = output.inter
     expert = (manifest or {}).get("inputs", {}).get(f"checkpoint {args.target}")
-    if expert is None:
+    # where the expert lay when it decoded (manifests before 2026-12 kept the path in the fingerprint)
+    location = (manifest or {}).get("checkpoints", {}).get(args.target) or (expert or {}).get("path")
+    if expert is None or location is None:
         raise FileNotFoundError(f"{path}: no manifest beside it naming the {args.target} expert's checkpoint")
     if not output.mapping.is_file():
         raise FileNotFoundError(f"{output.mapping}: mapping not found (decoding writes it beside the training file)")
     mapping = json.loads(output.mapping.read_text(encoding="utf-8"))
-    checkpoint = project_path(expert["path"])
+    checkpoint = project_path(location)
     if not checkpoint.is_file() or file_digest(checkpoint) != expert["sha256"]:
         raise StaleArtifactError(f"{path}: decoded with {checkpoint}, which is gone or has changed since; decode "
                                  "again with overwrite=true")

@@ -22,8 +22,13 @@ Parts (`--parts`, all by default):
 
 Every run goes through the stage functions, which reuse every finished artifact (prepared data,
 checkpoints, regenerated files) and resume an interrupted training; each run's metrics.json lands
-in `OUT/runs/...`, so the report can be built up over several invocations (and a run already
-there is not repeated). The report can move: where a missing run needs Stage I and II artifacts
+in `OUT/runs/...` beside the config.yaml it ran with, so the report can be built up over several
+invocations. A run already there is not repeated when the settings it recorded are the ones this
+invocation would run it with (`pipeline.records.result_settings`: everything its results depend
+on, not where files lie); when they differ, the report stops and names the run and the keys, so
+that runs of other settings are never reused or averaged with these: write to another `--out`, or
+pass `--rerun` to run such runs again here, replacing their records. A record that cannot be read
+(cut, empty, not JSON) is named in the log and run again. The report can move: where a missing run needs Stage I and II artifacts
 that are not on this machine, they are rebuilt, and `OUT/runs/stage*/.../rebuilt.json` says whether
 the rebuild reproduced the recorded metrics. `OUT/report.md` and its tables, CSVs and figures are
 written from whatever runs exist. Hydra overrides for every stage follow `--`; `STAGE:KEY=VALUE`
@@ -35,7 +40,9 @@ import argparse
 import json
 import logging
 import platform
+import shlex
 import statistics as stats
+import sys
 import tempfile
 import time
 from functools import partial
@@ -45,6 +52,8 @@ from typing import Callable
 from analysis.statistics import Comparison, aligned, paired_bootstrap
 from data.files import BusyError, exclusive_lock, write_text_atomic
 from data.paths import project_path
+from pipeline.records import RecordError, read_metrics, recorded_settings, result_settings
+from pipeline.schema import describe_differences
 
 log = logging.getLogger(__name__)
 
@@ -56,27 +65,33 @@ TRAIN_TYPES = ("sim", "full", "new")
 MIXED_HISTORY = "full_mixed_history"  # SASRec4 evaluated with eval_history=mixed (its own row)
 
 
+class SettingsMismatch(ValueError):
+    """A recorded run made with other settings than this invocation's; the message names the run,
+    the keys that differ and how to proceed."""
+
+
 class Report:
     """The runs of one report: where their metrics go, and running each one at most once."""
 
-    def __init__(self, dataset: str, out: Path, overrides: list[str], collect_only: bool = False):
+    def __init__(self, dataset: str, out: Path, overrides: list[str], collect_only: bool = False,
+                 rerun: bool = False):
         self.dataset, self.out, self.overrides = dataset, Path(out), list(overrides)
-        self.collect_only = collect_only
+        self.collect_only, self.rerun = collect_only, rerun
         self.built: set[tuple[int, str]] = set()  # (seed, Stage I tag) whose artifacts this process made sure of
 
     def run(self, name: str, stage: str, overrides: list[str], needs: Callable[[], None] | None = None) -> dict | None:
-        """The metrics of run `name` (OUT/runs/NAME/metrics.json), running the stage when it has none
-        (with `collect_only`, None instead); `needs` makes its inputs first (only when it runs)."""
+        """The metrics of run `name` (OUT/runs/NAME/metrics.json), running the stage when it has no
+        usable record of these settings (with `collect_only`, None instead); `needs` makes its inputs
+        first (only when it runs)."""
         folder = self.out / "runs" / name
-        done = folder / "metrics.json"
-        if done.is_file():
-            return json.loads(done.read_text(encoding="utf-8"))
-        if self.collect_only:
-            return None
+        recorded = self.recorded(name, stage, overrides)
+        if recorded is not None or self.collect_only:
+            return recorded
         if needs is not None:
             needs()
-            if done.is_file():  # what it needed was this run (Stage II of the selectivity study)
-                return json.loads(done.read_text(encoding="utf-8"))
+            recorded = self.recorded(name, stage, overrides)
+            if recorded is not None:  # what it needed was this run (Stage II of the selectivity study)
+                return recorded
         started = time.perf_counter()
         metrics = self.call(stage, overrides, folder)
         # the wall time of what this call ran (nothing was reused by the stage when it trained), and where
@@ -84,16 +99,51 @@ class Report:
                                                                "machine": machine()}) + "\n")
         return metrics
 
+    def recorded(self, name: str, stage: str, overrides: list[str]) -> dict | None:
+        """The recorded metrics of run `name` when they are whole and were made with the settings this
+        invocation would run it with; None when it is to be run (no record, or one that cannot be
+        read, which is logged). A record of other settings stops the report (SettingsMismatch),
+        unless `rerun`."""
+        folder = self.out / "runs" / name
+        if not (folder / "metrics.json").exists():
+            return None
+        try:
+            metrics = read_metrics(folder / "metrics.json")
+        except RecordError as error:
+            log.warning("%s; %s", error, "left out" if self.collect_only else "running it again")
+            return None
+        try:
+            differences = describe_differences(recorded_settings(folder, stage),
+                                               result_settings(stage, self.config(stage, overrides, folder)))
+        except RecordError as error:
+            differences = str(error)
+        if not differences:
+            return metrics
+        if self.rerun and not self.collect_only:
+            log.warning("%s: recorded with other settings (%s); --rerun: running it again, replacing its record",
+                        folder, differences)
+            (folder / "rebuilt.json").unlink(missing_ok=True)  # of the record being replaced
+            return None
+        raise SettingsMismatch(
+            f"{folder}: recorded with other settings than this invocation's (recorded -> now: {differences}). "
+            "Runs of other settings are neither reused nor averaged together: write this report to another "
+            "--out, or pass --rerun to run such runs again here, replacing their records")
+
+    def config(self, stage: str, overrides: list[str], run_dir: Path):
+        """The config a stage of this report runs with (composed and checked)."""
+        from pipeline.settings import compose
+
+        return compose(stage, [f"dataset={self.dataset}", *overrides, *self.for_stage(stage), f"run_dir={run_dir}"])
+
     def call(self, stage: str, overrides: list[str], run_dir: Path) -> dict:
         from cdsr_baseline.train import run_baseline
         from decoding import run_decoding
         from finetune import run_finetune
-        from pipeline.settings import compose
         from pretrain import run_pretrain
 
         runner = {"pretrain": run_pretrain, "decoding": run_decoding, "finetune": run_finetune,
                   "baseline": run_baseline}[stage]
-        cfg = compose(stage, [f"dataset={self.dataset}", *overrides, *self.for_stage(stage), f"run_dir={run_dir}"])
+        cfg = self.config(stage, overrides, run_dir)
         while True:
             try:
                 return runner(cfg)
@@ -106,10 +156,27 @@ class Report:
 
     def probe(self, name: str, seed: int, stage1: list[str]) -> dict | None:
         """The selectivity probe of one seed's Stage I (analysis/selectivity.py) for every target
-        domain, cached in OUT/runs/NAME.json (with `collect_only`, only what is cached)."""
+        domain, cached in OUT/runs/NAME.json with the key of the Stage I settings it probed (with
+        `collect_only`, only what is cached); a cache of other Stage I settings is treated like a run
+        of other settings (SettingsMismatch, or made again with `rerun`)."""
+        from pipeline.artifacts import settings_key
+
         path = self.out / "runs" / f"{name}.json"
+        cfg = self.config("decoding", [f"seed={seed}", "target_dom=all", *stage1], path.parent)
+        key = settings_key(result_settings("pretrain", cfg))
         if path.is_file():
-            return json.loads(path.read_text(encoding="utf-8"))
+            try:
+                cached = json.loads(path.read_text(encoding="utf-8"))
+                recorded_key, targets = cached["stage1"], cached["targets"]
+            except (ValueError, KeyError, TypeError) as error:
+                log.warning("%s: not a probe record (%s); %s", path, error,
+                            "left out" if self.collect_only else "probing again")
+            else:
+                if recorded_key == key:
+                    return targets
+                if self.collect_only or not self.rerun:
+                    raise SettingsMismatch(f"{path}: probed Stage I settings {recorded_key}, this invocation's are "
+                                           f"{key}; write this report to another --out, or pass --rerun")
         if self.collect_only:
             return None
         self.pipeline(seed, stage1)
@@ -117,10 +184,7 @@ class Report:
         from decoding import load_stage1
         from pipeline.artifacts import open_dataset
         from pipeline.distributed import World
-        from pipeline.settings import compose, stage_settings
 
-        cfg = stage_settings(compose("decoding", [f"dataset={self.dataset}", f"seed={seed}", "target_dom=all", *stage1,
-                                                  *self.for_stage("decoding")]), "dec")
         dataset = open_dataset(cfg)
         device = World().device(cfg.gpu_id)
         models = load_stage1(cfg, dataset, device)
@@ -128,7 +192,7 @@ class Report:
         probe = {dom: expert_argmax_in_target(models[dom], rows, dataset.domains, t, cfg.MAX_ITEM_LIST_LENGTH,
                                               device=device)
                  for t, dom in enumerate(dataset.domains.names, start=1)}
-        write_text_atomic(path, json.dumps(probe, indent=1) + "\n")
+        write_text_atomic(path, json.dumps({"stage1": key, "targets": probe}, indent=1) + "\n")
         return probe
 
     def trains_as_configured(self, which: str, stage1: list[str]) -> bool:
@@ -144,7 +208,14 @@ class Report:
     def timing(self, name: str) -> dict | None:
         """What seconds.json recorded of run `name`: its wall time and (runs since it was recorded) machine."""
         path = self.out / "runs" / name / "seconds.json"
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            timing = json.loads(path.read_text(encoding="utf-8"))
+            return timing if isinstance(timing, dict) and isinstance(timing.get("seconds"), (int, float)) else None
+        except ValueError:
+            log.warning("%s: not valid JSON; the wall time of %s is left out", path, name)
+            return None
 
     def for_stage(self, stage: str) -> list[str]:
         """The overrides a stage gets: `STAGE:KEY=VALUE` for that stage alone, the others for every
@@ -175,18 +246,18 @@ class Report:
         for name, stage, overrides in ((f"stage1/{tag}/seed{seed}", "pretrain", [f"seed={seed}", *stage1]),
                                        (f"stage2/{tag}/all-seed{seed}", "decoding",
                                         [f"seed={seed}", "target_dom=all", *stage1])):
-            recorded = self.out / "runs" / name / "metrics.json"
-            if not recorded.is_file():
+            recorded = self.recorded(name, stage, overrides)
+            if recorded is None:
                 self.run(name, stage, overrides)
                 continue
             with tempfile.TemporaryDirectory() as scratch:
                 rebuilt = self.call(stage, overrides, Path(scratch))
-            differences = _differences(json.loads(recorded.read_text(encoding="utf-8")), rebuilt)
+            differences = _differences(recorded, rebuilt)
             if differences:
                 log.warning("%s: rebuilt on %s, its metrics differ from the recorded ones at %s (where a "
                             "regenerated file's sha256 differs, the runs made from the recorded artifacts had "
                             "other inputs than those made from now on)", name, machine(), "; ".join(differences))
-            write_text_atomic(recorded.with_name("rebuilt.json"),
+            write_text_atomic(self.out / "runs" / name / "rebuilt.json",
                               json.dumps({"matches": not differences, "differences": differences,
                                           "machine": machine(), "metrics": rebuilt}, indent=1, sort_keys=True) + "\n")
         self.built.add((seed, tag))
@@ -352,11 +423,11 @@ def write_report(out: Path, args, parts: dict) -> str:
     """report.md (and CSVs, figures) from the runs collected so far."""
     from results import write_tables
 
+    command = shlex.join(["python", "-m", "analysis.report", *args.argv])
     lines = [f"# Report: {args.dataset}", "",
-             f"Seeds {', '.join(map(str, args.seeds))}; command `python -m analysis.report "
-             f"--dataset {args.dataset} --seeds {' '.join(map(str, args.seeds))} "
-             f"--parts {' '.join(args.parts)}`; written on {machine()} (each run's seconds.json names the "
-             "machine that ran it, where it was recorded).", ""]
+             f"Seeds {', '.join(map(str, args.seeds))}; command `{command}` (every argument and override as "
+             f"given); written on {machine()} (each run's seconds.json names the machine that ran it, where it "
+             "was recorded).", ""]
     if "table2" in parts:
         from results import headline, per_backbone
 
@@ -504,11 +575,23 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--out", type=Path, default=Path("results/report"))
     parser.add_argument("--collect-only", action="store_true",
                         help="write the report from the runs already in OUT/runs, running nothing")
+    parser.add_argument("--rerun", action="store_true",
+                        help="run again the runs in OUT/runs recorded with other settings than this invocation's, "
+                             "replacing their records (without it the report stops at the first such run)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every stage, after `--`")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv
+    from pipeline.runs import user_errors
+
+    with user_errors(SettingsMismatch, RecordError):
+        return _report(args)
+
+
+def _report(args) -> str:
     out = project_path(args.out)
     args.domains = args.domains or domains_of(args.dataset, args.overrides)
-    report = args.report = Report(args.dataset, out, args.overrides, args.collect_only)
+    report = args.report = Report(args.dataset, out, args.overrides, args.collect_only, args.rerun)
     parts = {}
     if "table2" in args.parts:
         parts["table2"] = table2(report, args.seeds, args.domains, args.backbones, args.baselines)

@@ -32,6 +32,7 @@ from cdsr_baseline.layers import (BertParams, Intermediate, bert_blocks, bert_in
                                   left_align, sample_excluding)
 from data import SequenceBatch
 from model.decoder import attention_mask
+from pipeline.distributed import summed_over_ranks
 from pipeline.schema import at_least
 
 RESERVED = 5  # ids 0..4 of every vocabulary: pad, unknown, eos, sos, mask (the official tokenizer's)
@@ -89,6 +90,10 @@ def shapley_values(losses: dict[tuple[int, ...], float], n_slots: int, pairing: 
 
 
 class CGRec(nn.Module):
+    # Under torchrun the per-domain losses are weighted means over the global batch and the Shapley
+    # values come from the global batch's coalition losses, so every rank keeps the same Shapley state.
+    loss_reduces_over_ranks = True
+
     def __init__(self, n_items: int, domain_starts: list[int], user_sequences: torch.Tensor, **params):
         super().__init__()
         self.params = p = CGRecParams(**params)
@@ -192,14 +197,16 @@ class CGRec(nn.Module):
     @torch.no_grad()
     def shapley_weights(self, x, slots, targets, negatives) -> torch.Tensor:
         """omega = softmax(v / 0.05), with the running state v updated by this batch's Shapley values."""
-        losses = {}
         coarse, fine = self.coarse(x), self.fine(x)
+        parts = []
         for coalition in coalitions(self.n_slots):
             keep = torch.isin(slots, torch.tensor(coalition, device=x.device))
             # dropped positions lose their item and categories; slots and the attention mask stay
             z = self.heads(x * keep, slots, coarse * keep, fine * keep, x != 0)
             kept_targets = tuple(t * keep for t in targets)
-            losses[coalition] = float(self.level_losses(z, kept_targets, negatives, keep.float()))
+            parts.append(self.level_losses(z, kept_targets, negatives, keep.float()))
+        # the global batch's coalition losses (each rank's parts added up under torchrun)
+        losses = dict(zip(coalitions(self.n_slots), summed_over_ranks(torch.stack(parts)).tolist()))
         phi = shapley_values(losses, self.n_slots, self.params.shapley_pairing).to(x.device)
         state = self.state_decay(self.shapley_state[:, None])[:, 0] + self.state_gain(phi[:, None])[:, 0]
         self.shapley_state.copy_(state)

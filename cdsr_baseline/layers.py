@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.decoder import Block
+from pipeline.distributed import summed_over_ranks
 from pipeline.schema import at_least
 
 BINARY_EPS = 1e-24  # the official copies' guard inside both logs and in the mean's denominator
@@ -95,6 +96,7 @@ def binary_loss(h: torch.Tensor, table: torch.Tensor, positive: torch.Tensor, ne
 
     h (..., D) states; table (V, D) the embeddings scored against; positive, negative (...) ids into
     it; weight (...) 0/1. `mean`: sum(w l) / (sum(w) + 1e-24); `sum`: sum(w l), over every position.
+    Under torchrun sum(w) is the global batch's, so the ranks' means add up to one process's.
     """
     pos = torch.sigmoid((h * table[positive]).sum(-1))
     neg = torch.sigmoid((h * table[negative]).sum(-1))
@@ -103,7 +105,7 @@ def binary_loss(h: torch.Tensor, table: torch.Tensor, positive: torch.Tensor, ne
     if reduction == "sum":
         return weighted
     if reduction == "mean":
-        return weighted / (weight.sum() + BINARY_EPS)
+        return weighted / (summed_over_ranks(weight.sum()) + BINARY_EPS)
     raise ValueError(f"reduction must be mean or sum, got {reduction!r}")
 
 

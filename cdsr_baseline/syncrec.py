@@ -32,6 +32,7 @@ from cdsr_baseline.layers import (BertParams, Intermediate, bert_blocks, bert_in
                                   left_align, sample_excluding)
 from data import SequenceBatch
 from model.decoder import attention_mask
+from pipeline.distributed import mean_over_ranks, rows_over_ranks, shared_permutation, summed_over_ranks
 from pipeline.schema import at_least
 
 LOSS_SCALE = 1000.0  # the official divisor of the task losses (batch sums)
@@ -93,6 +94,11 @@ class Expert(nn.Module):
 
 
 class SyNCRec(nn.Module):
+    # Under torchrun the task losses are sums (each rank adds its part), the re-balancing reads the
+    # global batch's domain means (so every rank keeps the same LRB state), and the MIP loss is a mean
+    # over the global batch's slots whose "other user" is drawn from the whole global batch.
+    loss_reduces_over_ranks = True
+
     def __init__(self, n_items: int, domain_starts: list[int], user_sequences: torch.Tensor, **params):
         super().__init__()
         self.params = p = SyNCRecParams(**params)
@@ -173,7 +179,7 @@ class SyNCRec(nn.Module):
             single_mean.append(binary_loss(h, self.item_emb.weight, y, negative, m, "mean"))
             cross_sum.append(binary_loss(c, self.item_emb.weight, y, negative, m, "sum"))
             cross_mean.append(binary_loss(c, self.item_emb.weight, y, negative, m, "mean"))
-        omega = self.rebalance(torch.stack(single_mean).detach() - torch.stack(cross_mean).detach())
+        omega = self.rebalance(summed_over_ranks(torch.stack(single_mean).detach() - torch.stack(cross_mean).detach()))
         tasks = (torch.stack(single_sum).mean() + (omega * torch.stack(cross_sum)).sum()) / LOSS_SCALE
         return tasks + self.mip_loss(c, summary, x, y)
 
@@ -196,11 +202,12 @@ class SyNCRec(nn.Module):
         """-log sigma(p - q) at every slot with a target, averaged over all B * L slots (padding included):
         p = sigma(<W c, S>), q = sigma(<W c, E_x'>) with x' another user's input at the same slot."""
         projected = self.mip(c)
-        other = x[torch.randperm(x.size(0), device=x.device)]
+        everyone, first = rows_over_ranks(x)  # the global batch's inputs (x itself in one process)
+        other = everyone[shared_permutation(len(everyone), device=x.device)][first:first + len(x)]
         p = torch.sigmoid((projected * summary).sum(-1))
         q = torch.sigmoid((projected * self.item_emb(other)).sum(-1))
         per_slot = -torch.clamp(F.logsigmoid(p - q), min=-100.0)
-        return (per_slot * (y != 0)).mean()
+        return mean_over_ranks(per_slot * (y != 0))
 
     # ------------------------------------------------------------------ prediction
 

@@ -73,7 +73,7 @@ class PreparedDataset:
                 f"{path}: changed after the preparation (its digest is not the one in {self.root / MANIFEST}); "
                 f"prepare it again with `python -m dataset.prepare dataset={self.name} overwrite=true`"
             )
-        return {"path": str(path), "sha256": digest}
+        return {"file": path.name, "sha256": digest}
 
     def rows(self, split: str) -> SequenceRows:
         if split not in self._rows:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from data.dataset import MANIFEST, split_names
 from data.domains import LETTERS, domain_suffix
 from data.files import DIR_MODE, DataError, exclusive_lock, write_inter, write_item_file, write_text_atomic
-from data.fingerprints import file_digest
+from data.fingerprints import file_digest, stat_key
 from pipeline.schema import describe_differences
 from data.paths import project_path
 from dataset.preprocess import Interactions, align, build_splits, drop_duplicate_rows, sort_and_cut
@@ -281,13 +281,17 @@ def preparation_settings(dataset_cfg) -> dict:
 
 def raw_record(path: Path, cached: dict | None = None) -> dict:
     """A raw file's fingerprint. `cached` (an earlier record of the same domain) is trusted while the
-    file's size and modification time are unchanged, so a large raw file is hashed once."""
+    file's inode, size, modification time and inode change time are all unchanged, so a large raw
+    file is hashed once; anything else (an edit, a copy over it, `cp -p`, `rsync -t`, `touch -r`,
+    all of which change the inode change time) hashes it again."""
     stat = Path(path).stat()
-    if cached and (cached.get("size"), cached.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns):
+    ino, size, mtime_ns, ctime_ns = stat_key(stat)
+    if cached and [cached.get(k) for k in ("inode", "size", "mtime_ns", "ctime_ns")] == [ino, size, mtime_ns, ctime_ns]:
         digest = cached["sha256"]
     else:
         digest = file_digest(path)
-    return {"file": Path(path).name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+    return {"file": Path(path).name, "inode": ino, "size": size, "mtime_ns": mtime_ns, "ctime_ns": ctime_ns,
+            "sha256": digest}
 
 
 def stale_reason(out_dir: Path, settings: dict, dataset_cfg) -> tuple[str | None, list[dict] | None]:
@@ -331,7 +335,13 @@ def preparation_lock(out_dir: Path):
     first one's output. Under the lock no other preparation of NAME is running, so the staging
     folders a killed run left behind are removed here.
     """
-    with exclusive_lock(out_dir.parent / f".{out_dir.name}.lock"):
+    lock = out_dir.parent / f".{out_dir.name}.lock"
+    if out_dir.is_dir() and not os.access(out_dir.parent, os.W_OK):
+        # A read-only store (archived, shared): nobody with our rights can change it, so it is
+        # checked without the lock; a stale preparation then fails where it would be written.
+        yield
+        return
+    with exclusive_lock(lock):
         for pattern in (_STAGING, _RETIRED):
             for leftover in out_dir.parent.glob(f".{out_dir.name}{pattern}*"):
                 log.info("removing %s, left by an interrupted preparation", leftover)

@@ -29,6 +29,7 @@ class SASRec(nn.Module):
     """The Taesar decoder as the SASRec backbone: sequence-to-sequence training."""
 
     last_position_only = False
+    loss_reduces_over_ranks = True  # the decoder's objective (model/objectives.py)
 
     def __init__(self, n_items: int, max_len: int, **params):
         super().__init__()

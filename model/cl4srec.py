@@ -16,6 +16,7 @@ from torch import nn
 from data import SequenceBatch
 from model.decoder import DecoderConfig, SASRecParams, TaesarDecoder, gather_states
 from model.objectives import next_item_objective, target_scores
+from pipeline.distributed import count_over_ranks
 from pipeline.schema import above, at_least
 
 # the operators, as drawn per row; IDENTITY serves the rows too short to augment
@@ -159,6 +160,7 @@ class CL4SRec(nn.Module):
     """
 
     last_position_only = False  # the loss reads every position: no prefix expansion (model/backbones.py)
+    loss_reduces_over_ranks = True  # the main loss reduces over torchrun's ranks; the contrastive part is weighted
 
     def __init__(self, n_items: int, max_len: int, **params):
         super().__init__()
@@ -194,7 +196,13 @@ class CL4SRec(nn.Module):
     def loss(self, batch: SequenceBatch, item_range: tuple[int, int] | None) -> torch.Tensor:
         """Next-item s2s cross-entropy over `item_range` (None: all real items) + cl_weight * NT-Xent."""
         main = next_item_objective(self._item_range(item_range))(self.encoder, batch)
-        return main + self.config.cl_weight * self.contrastive_loss(batch)
+        contrastive = self.contrastive_loss(batch)
+        rows, everyone = len(batch.users), count_over_ranks(len(batch.users))
+        if everyone != rows:
+            # under torchrun: a mean over this rank's rows (whose views are each other's negatives, as
+            # in-batch negatives are under any data-parallel training), weighted as its share of the batch
+            contrastive = contrastive * (rows / everyone)
+        return main + self.config.cl_weight * contrastive
 
     def scores(self, batch: SequenceBatch, item_range: tuple[int, int]) -> torch.Tensor:
         """(B, hi - lo) scores of the candidates from the state that has read each row's history (as SASRec)."""

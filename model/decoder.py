@@ -162,6 +162,9 @@ class TaesarDecoder(nn.Module):
     gradient is always zero, and it only ever reaches padded positions.
     """
 
+    # trained with the objectives of model/objectives.py, which reduce over torchrun's ranks themselves
+    loss_reduces_over_ranks = True
+
     def __init__(self, config: DecoderConfig):
         super().__init__()
         self.config = config

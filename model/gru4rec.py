@@ -44,6 +44,7 @@ class GRU4Rec(nn.Module):
     """
 
     last_position_only = False  # the loss reads every position: no prefix expansion (model/backbones.py)
+    loss_reduces_over_ranks = True  # the decoder's objective (model/objectives.py) reduces over torchrun's ranks
 
     def __init__(self, n_items: int, max_len: int, **params):
         super().__init__()

@@ -6,7 +6,9 @@ the trainer never knows which stage it is training.
 A training batch is encoded in `length_groups` sub-batches of similar length,
 each trimmed to its own longest row: the loss (summed over every predicted
 position, divided by their count) is the one of the whole padded batch, but
-the padding is not computed (about 30% of a step on ACDT).
+the padding is not computed (about 30% of a step on ACDT). Under torchrun the
+count is the global batch's, so the ranks' losses add up to one process's (the
+models trained with these objectives declare `loss_reduces_over_ranks`).
 """
 from __future__ import annotations
 
@@ -17,18 +19,24 @@ import torch
 from data import SequenceBatch
 from model.decoder import TaesarDecoder, target_states
 from model.losses import domain_specific_targets, masked_cross_entropy, next_item_targets
+from pipeline.distributed import count_over_ranks
 
 LENGTH_GROUPS = 4
 
 
 def _grouped_loss(targets_fn, item_range, length_groups, model: TaesarDecoder, batch: SequenceBatch):
+    if not getattr(model, "loss_reduces_over_ranks", False):
+        # the trainer would weight this loss by the rank's share of rows a second time
+        raise TypeError(f"{type(model).__name__} is trained with a loss that reduces over torchrun's ranks; "
+                        "declare `loss_reduces_over_ranks = True` on it (pipeline/distributed.py)")
     total, count = 0.0, 0
     for rows in batch.lengths.argsort().chunk(length_groups):
         items = batch.items[rows, : int(batch.lengths[rows].max())]
         mask, targets = targets_fn(items)
         total = total + masked_cross_entropy(model, model.encode(items), mask, targets, item_range, reduction="sum")
         count += int(mask.sum())
-    return total / max(count, 1)
+    # a mean over the global batch's predicted positions (under torchrun this rank's part of it)
+    return total / max(count_over_ranks(count), 1)
 
 
 def _target_scores(item_range, model: TaesarDecoder, batch: SequenceBatch) -> torch.Tensor:

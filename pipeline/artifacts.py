@@ -52,8 +52,13 @@ def _dump(value) -> str:
 
 
 def write_settings(folder: Path, settings: dict) -> None:
+    """`folder/settings.json`, written only when it does not already say this: a run that changes
+    nothing writes nothing, so a finished store can be archived or shared read-only."""
+    path, text = folder / SETTINGS_FILE, _dump(settings)
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return
     folder.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(folder / SETTINGS_FILE, _dump(settings))
+    write_text_atomic(path, text)
 
 
 def other_settings(folder: Path, settings: dict, limit: int = 3) -> str:
@@ -225,6 +230,12 @@ class Regenerated:
     def manifest(self) -> Path:
         return self.folder / f"{self.stem}.manifest.json"
 
+    @property
+    def lock(self) -> Path:
+        """Held while decoding writes into this folder for this seed (every target domain's file); it
+        lies beside the folder, so a decoding refused before it writes leaves no folder behind."""
+        return self.folder.parent / f".{self.folder.name}.{self.stem.rsplit('.', 2)[0]}.decoding.lock"
+
     def read_manifest(self) -> dict:
         if not self.manifest.is_file():
             raise StaleArtifactError(f"{self.inter}: its manifest {self.manifest} is missing, so what made it is "
@@ -311,6 +322,18 @@ def baseline_inputs(dataset: PreparedDataset) -> dict:
 
 
 # --------------------------------------------------------------------------- Stage III
+
+
+def training_source(cfg: DictConfig) -> str:
+    """What names a Stage III run's training rows in its checkpoint's key: the split (`sim`, `full`),
+    the regenerated file's folder (`new`), or the path given as `new_inter_path`."""
+    if cfg.train_type == "sim":
+        return f"{cfg.target_dom}.train"
+    if cfg.train_type == "full":
+        return "full.train"
+    if cfg.get("new_inter_path"):
+        return str(project_path(cfg.new_inter_path))
+    return regenerated(cfg).folder.name
 
 
 def finetune_checkpoint(cfg: DictConfig, source: str) -> tuple[Path, dict]:

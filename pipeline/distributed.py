@@ -99,6 +99,86 @@ def data_parallel() -> World | None:
     return world if world.size > 1 and dist.is_available() and dist.is_initialized() else None
 
 
+# --------------------------------------------------------------------------- losses over the global batch
+#
+# Under torchrun each rank computes the loss of its share of the global batch and the gradients are
+# summed over the ranks (`sum_gradients`). A loss that is not a mean over rows (a mean over
+# positions, a batch sum, a state updated from the whole batch) declares
+# `loss_reduces_over_ranks = True` on its model and computes its rank's part of the global batch's
+# loss with the helpers below: the parts, and their gradients, then add up to the loss of one process
+# on the whole batch. Each helper is the identity in one process, so single-process runs keep their
+# arithmetic (and recorded results) bit for bit. The trainer weights any other loss by its rank's
+# share of the rows, which is exact for row means.
+
+_ALONE = False  # set while one rank takes a batch too small to share (`rank_alone`)
+
+
+def _reducing() -> World | None:
+    return None if _ALONE else data_parallel()
+
+
+@contextlib.contextmanager
+def rank_alone():
+    """While the batch has fewer rows than there are ranks, rank 0 computes all of it and the helpers
+    below reduce nothing (the other ranks compute nothing and add zero gradients)."""
+    global _ALONE
+    previous, _ALONE = _ALONE, True
+    try:
+        yield
+    finally:
+        _ALONE = previous
+
+
+def summed_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """`value` (a count, a sum of weights, a loss that only steers) summed over the ranks, as a constant
+    through which no gradient flows; `value` itself in one process."""
+    if _reducing() is None:
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total)
+    return total
+
+
+def count_over_ranks(n: int) -> int:
+    """A count summed over the ranks (`n` in one process)."""
+    if _reducing() is None:
+        return n
+    return int(summed_over_ranks(torch.tensor(n, dtype=torch.int64)).item())
+
+
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """This rank's part of the mean of `values` over the global batch (`values.mean()` in one process)."""
+    if _reducing() is None:
+        return values.mean()
+    return values.sum() / count_over_ranks(values.numel())
+
+
+def rows_over_ranks(rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The global batch's rows (each rank's `rows`, in rank order: the order of the global batch,
+    which the ranks share out contiguously) and where this rank's rows start; `(rows, 0)` in one process."""
+    world = _reducing()
+    if world is None:
+        return rows, 0
+    sizes = all_gather(world, len(rows))
+    widest = max(sizes)
+    padded = rows.new_zeros((widest, *rows.shape[1:]))
+    padded[: len(rows)] = rows
+    parts = [torch.empty_like(padded) for _ in range(world.size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)]), sum(sizes[: world.rank])
+
+
+def shared_permutation(n: int, device=None) -> torch.Tensor:
+    """A uniform permutation of range(n), the same on every rank: rank 0 draws it from its generator
+    and sends it (`torch.randperm(n)` in one process)."""
+    world = _reducing()
+    permutation = torch.randperm(n, device=device) if world is None or world.is_main else \
+        torch.empty(n, dtype=torch.int64, device=device)
+    if world is not None:
+        dist.broadcast(permutation, src=0)
+    return permutation
+
+
 def barrier(world: World | None) -> None:
     if world is not None:
         dist.barrier()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import random
 from pathlib import Path
 
@@ -18,18 +19,31 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def user_errors():
+def user_errors(*more: type[Exception]):
     """A command's bad input ends it with `error: MESSAGE` (the message names the file, line or key)
-    rather than a traceback; anything else is a bug and keeps its traceback."""
+    rather than a traceback; anything else is a bug and keeps its traceback. `more`: a command's
+    own errors of that kind."""
     from data.files import BusyError, DataError
     from data.fingerprints import StaleArtifactError
+    from pipeline.records import RecordError
     from pipeline.schema import ConfigError
     from trainer import CheckpointError
 
     try:
         yield
-    except (ConfigError, DataError, StaleArtifactError, CheckpointError, BusyError, FileNotFoundError) as error:
+    except (ConfigError, DataError, StaleArtifactError, CheckpointError, BusyError, RecordError, FileNotFoundError,
+            *more) as error:
         raise SystemExit(f"error: {error}") from None
+    except OSError as error:  # a read-only store, a missing permission, a full disk: the file and the reason
+        raise SystemExit(f"error: {describe_os_error(error)}") from None
+
+
+def describe_os_error(error: OSError) -> str:
+    """`PATH: reason` of an operating-system error (both paths of a failed rename)."""
+    if error.filename is None:
+        return str(error)
+    paths = f"{error.filename}" + (f" -> {error.filename2}" if error.filename2 is not None else "")
+    return f"{paths}: {error.strerror or error}"
 
 
 def seed_everything(seed: int) -> None:
@@ -58,6 +72,11 @@ class RunLogger:
         self.run = None
         if cfg.logger.mode == "disabled":
             return
+        if cfg.logger.mode == "offline":
+            # wandb's own error reporting is the one part of an offline run that would reach its servers
+            # (from the wandb-core process it starts); a user who set the variable keeps their choice.
+            # The main process itself makes no name lookup or network connection (tests/test_runs.py).
+            os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
         import wandb
 
         run_dir.mkdir(parents=True, exist_ok=True)  # wandb writes below it

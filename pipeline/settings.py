@@ -8,10 +8,10 @@ the stage being run (`OFFICIAL_KEYS`).
 """
 from __future__ import annotations
 
-import os
-
 import dataclasses
 import hashlib
+import os
+import shlex
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -399,4 +399,4 @@ def rerun_command(script: str, cfg: DictConfig, drop: tuple[str, ...], first: li
         if key in named or any(key == d or key.startswith(f"{d}.") for d in drop):
             continue
         kept.append(override)
-    return " ".join(["python", script, *first, *kept])
+    return shlex.join(["python", script, *first, *kept])  # pastes into a shell: paths with spaces stay one word

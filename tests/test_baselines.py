@@ -378,10 +378,12 @@ def test_each_baseline_trains_and_tests_every_domain(tmp_path, model, fidelity):
     assert run_metrics["quirks"] == metrics["quirks"]
     assert all(f"{k}: {json.dumps(v).strip(chr(34))}" in (tmp_path / "run" / "config.yaml").read_text()
                for k, v in metrics["quirks"].items())
-    # a finished run is reused
-    stamp = (tmp_path / "checkpoint").rglob("*.ckpt").__next__().stat().st_mtime_ns
+    # a finished run is reused, and nothing is written into the store (settings.json included)
+    from tests.test_pretrain import store_state
+
+    before = store_state(tmp_path / "checkpoint")
     assert run_baseline(baseline_config(tmp_path, model, f"baseline_fidelity={fidelity}"))["test"] == metrics["test"]
-    assert next((tmp_path / "checkpoint").rglob("*.ckpt")).stat().st_mtime_ns == stamp
+    assert store_state(tmp_path / "checkpoint") == before
 
 
 def test_fidelity_switch_and_per_quirk_overrides(tmp_path):

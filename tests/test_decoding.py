@@ -64,7 +64,7 @@ def test_regenerated_file_follows_the_contract(trained):
 
     summary = json.loads((folder / "TINY.2025.dom2.train.summary.json").read_text())
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    assert {**summary, "seed": 2025, "file": str(path), "sha256": digest} == report
+    assert {"stage": "decoding", **summary, "seed": 2025, "file": str(path), "sha256": digest} == report
     for counts in summary["source_items"].values():
         assert counts["seen"] == counts["replaced"] + counts["deleted"] > 0
         assert counts["without_history"] <= counts["deleted"]
@@ -73,7 +73,8 @@ def test_regenerated_file_follows_the_contract(trained):
     assert all(lo <= int(t) < hi and not lo <= int(s) < hi for s, ts in mapping.items() for t in ts)
     manifest = json.loads((folder / "TINY.2025.dom2.train.manifest.json").read_text())
     assert manifest["variant"] == "taesar"
-    assert manifest["inputs"]["checkpoint dom2"]["path"].endswith("SASRec-TINY-2025.dom2.ckpt")
+    assert manifest["inputs"]["checkpoint dom2"]["file"] == "SASRec-TINY-2025.dom2.ckpt"
+    assert manifest["checkpoints"]["dom2"].endswith("/SASRec-TINY-2025.dom2.ckpt")
     assert set(manifest["inputs"]) == {"item", "full.train", "dom2.train", "checkpoint full",
                                        *(f"checkpoint dom{d}" for d in (1, 2, 3))}
     assert folder.parent == trained / "regenerated" / "TINY"  # outside the prepared data
@@ -163,7 +164,8 @@ def test_checkpoints_trained_on_other_data_of_the_same_shape_are_refused(trained
                           f"regenerated_dir={tmp_path / 'regenerated'}")
     copy_stage1(decoding_config(trained), cfg)
     with pytest.raises(ValueError, match=r"SASRec-TINY-2025\.full\.ckpt: made from inputs that have changed since "
-                                         r"\(full\.train was .*, is now .*tmp.*TINY\.full\.train\.inter"):
+                                         r"\(full\.train was TINY\.full\.train\.inter with sha256 \w+, is now "
+                                         r"TINY\.full\.train\.inter with sha256 \w+\)"):
         run_decoding(cfg)
     assert not regenerated(cfg).folder.exists()
 
@@ -313,3 +315,22 @@ def test_torchrun_shards_the_rows_and_writes_the_files_of_one_process(trained, t
         ours, theirs = regenerated(sharded, dom), regenerated(single, dom)
         for name in ("inter", "summary", "mapping"):
             assert getattr(ours, name).read_bytes() == getattr(theirs, name).read_bytes()
+
+
+def test_a_second_decoding_of_the_same_files_stops_while_the_first_runs(trained, tmp_path):
+    """Two identical decodings started together: the one that finds the folder's lock held stops at
+    once (BusyError, naming the lock) instead of doing the whole work again; once the first is done,
+    a run reuses its files and writes nothing into the store."""
+    from data.files import BusyError, exclusive_lock
+
+    cfg = decoding_config(trained, f"regenerated_dir={tmp_path}/regenerated", "target_dom=all")
+    lock = regenerated(cfg, "dom1").lock
+    with exclusive_lock(lock):  # the first job, decoding now
+        with pytest.raises(BusyError, match="another job is decoding these files now"):
+            run_decoding(cfg)
+    assert not any((tmp_path / "regenerated").rglob("*.inter"))
+    run_decoding(cfg)
+    files = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (tmp_path / "regenerated").rglob("*") if p.is_file()}
+    run_decoding(decoding_config(trained, f"regenerated_dir={tmp_path}/regenerated", "target_dom=dom3"))
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in (tmp_path / "regenerated").rglob("*") if p.is_file()} == files

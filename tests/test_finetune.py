@@ -6,6 +6,7 @@ import math
 import pytest
 
 from data import PreparedDataset, read_inter
+from data.fingerprints import file_digest
 from data.paths import project_path
 from decoding import run_decoding
 from finetune import run_finetune, training_rows
@@ -39,7 +40,8 @@ def test_each_train_type_reads_its_file(decoded):
     rows, record, source = training_rows(cfg, dataset)
     # the exact file decoding.py wrote, computed from finetune.py's own config
     output = regenerated(compose("decoding", ["target_dom=dom1", *STAGE1, *tiny_overrides(decoded)]))
-    assert record["path"] == str(output.inter) and source == output.folder.name
+    assert record == {"file": output.inter.name, "sha256": file_digest(output.inter)}
+    assert source == output.folder.name
     new_rows = read_inter(output.inter, dataset.domains.n_items, one_row_per_user=False)
     assert len(rows) == len(new_rows) > len(dataset.rows("dom1.train"))  # the regenerated rows are trained on
     with pytest.raises(ValueError, match="config key 'train_type' is 'mixed'"):
@@ -176,8 +178,8 @@ def test_torchrun_resumes_the_training_one_process_left(tmp_path, monkeypatch):
                  *tiny_overrides(tmp_path), *TINY_MODEL]
     save = trainer._save_resume_state
 
-    def killed_after_epoch_one(path, model, optimizer, state, meta):
-        save(path, model, optimizer, state, meta)
+    def killed_after_epoch_one(path, model, optimizer, state, *rest):
+        save(path, model, optimizer, state, *rest)
         if state["epoch"] == 1:
             raise KeyboardInterrupt
 
@@ -194,3 +196,36 @@ def test_torchrun_resumes_the_training_one_process_left(tmp_path, monkeypatch):
     assert f"resuming from {resume} after epoch 1" in done.stderr + done.stdout
     saved = torch.load(resume.with_suffix(""), weights_only=True)
     assert saved["epochs_run"] == 3 and saved["history"][0] == first_epoch and not resume.exists()
+
+
+def test_a_finished_run_writes_nothing_into_the_store(decoded, tmp_path):
+    from tests.test_pretrain import store_state
+
+    cfg = finetune_config(decoded, "sim", f"checkpoint_dir={tmp_path}/checkpoint", "trainer.finetune.epochs=1")
+    first = run_finetune(cfg)
+    before = store_state(tmp_path / "checkpoint"), store_state(decoded / "data")
+    again = run_finetune(finetune_config(decoded, "sim", f"checkpoint_dir={tmp_path}/checkpoint",
+                                         "trainer.finetune.epochs=1"))
+    assert again["test"] == first["test"]
+    assert (store_state(tmp_path / "checkpoint"), store_state(decoded / "data")) == before
+
+
+def test_the_command_to_run_first_survives_a_path_with_a_space(tmp_path):
+    """The decoding command a missing regenerated file asks for is shell-quoted: pasted into a shell,
+    a path with a space stays one argument."""
+    import os
+    import re
+    import shlex
+    import subprocess
+    import sys
+
+    from data.paths import PROJECT_ROOT
+
+    root = tmp_path / "with space"
+    overrides = ["train_type=new", "target_dom=dom2", *STAGE1, *tiny_overrides(root), *TINY_MODEL,
+                 f"hydra.run.dir={root}/hydra"]
+    done = subprocess.run([sys.executable, "finetune.py", *overrides], cwd=PROJECT_ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    command = shlex.split(re.search(r"run `([^`]*)` first", done.stderr).group(1))
+    assert command[:2] == ["python", "decoding.py"] and f"data_path={root}/data" in command

@@ -1,6 +1,7 @@
 """Stage I end to end on tiny synthetic data: files, reuse, ablations, determinism, bad input."""
 from __future__ import annotations
 
+import contextlib
 import shutil
 
 import pytest
@@ -220,3 +221,134 @@ def test_torchrun_trains_data_parallel_and_its_evaluation_is_one_processs(tmp_pa
     assert alone.keys() == saved["valid_metrics"].keys() and checkpoints
     for key, value in alone.items():
         assert abs(value - saved["valid_metrics"][key]) < 1e-12, key
+
+
+def test_the_same_training_in_another_folder_gives_the_same_bytes(tmp_path):
+    """Fingerprints record content, not location: checkpoints trained from the same data and settings in
+    two folders are byte-identical, so what was made from one is valid with the other."""
+    paths = {}
+    for where in ("a", "b c"):
+        cfg = pretrain_config(tmp_path / where, "trainer.expert.epochs=1")
+        run_pretrain(cfg)
+        paths[where] = stage1_paths(cfg)
+    for role in ("full", "dom1"):
+        assert paths["a"].role(role).read_bytes() == paths["b c"].role(role).read_bytes(), role
+
+
+def test_an_edit_that_restores_size_and_modification_time_is_seen(tmp_path):
+    """`cp -p`, `rsync -t`, `touch -r`: edited content with its old size and mtime. The inode change
+    time gives it away, so the preparation is redone and the checkpoints made before are refused."""
+    import os
+
+    overrides = ["stage=run", "seed=2025", "epochs=1", "trainer.expert.epochs=1", *files_overrides(tmp_path)]
+    run_pretrain(compose("pretrain", overrides))
+    raw = tmp_path / "raw" / "S1.inter"
+    before = raw.stat()
+    swap_first_and_last_timestamp(raw)  # the same size
+    os.utime(raw, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (raw.stat().st_size, raw.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    with pytest.raises(ValueError, match=r"made from inputs that have changed since"):
+        run_pretrain(compose("pretrain", overrides))
+
+
+def store_state(root) -> dict:
+    """Every file below `root` with what a write would change (inode: atomic writes replace the file)."""
+    return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_finished_store_is_read_and_never_written(tmp_path):
+    """Run again with nothing to do, pretrain.py writes nothing into the checkpoint store or the prepared
+    data (settings.json included), so a store archived or shared read-only can be reused."""
+    run_pretrain(pretrain_config(tmp_path))
+    before = {root: store_state(tmp_path / root) for root in ("checkpoint", "data")}
+    run_pretrain(pretrain_config(tmp_path))
+    assert {root: store_state(tmp_path / root) for root in ("checkpoint", "data")} == before
+
+
+@pytest.mark.parametrize("errno_, reason", [(30, "Read-only file system"), (28, "No space left on device"),
+                                            (13, "Permission denied")])
+def test_a_store_that_cannot_be_written_ends_in_a_named_error(tmp_path, monkeypatch, capsys, errno_, reason):
+    """What the operating system refuses (a read-only store, a full disk, a permission) ends in
+    `error: PATH: reason` from the command, without a traceback."""
+    import os
+    import tempfile
+
+    from pipeline.runs import user_errors
+
+    def refuse(*args, dir=None, **kwargs):
+        raise OSError(errno_, os.strerror(errno_), str(dir))
+
+    cfg = pretrain_config(tmp_path)
+    prepare_dataset(cfg.dataset, cfg.data_path, progress=False)  # the data is there; the store is not
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(SystemExit) as stopped, user_errors():  # what pretrain.py's main does
+        run_pretrain(cfg)
+    message = str(stopped.value.code)
+    assert message.startswith("error: ") and message.endswith(f": {reason}"), message
+    # the file meant (the first the run writes), not the temporary one it was to be written through
+    assert message == f"error: {stage1_paths(cfg).base_dir / 'settings.json'}: {reason}"
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun starts its workers in sessions of their own)."""
+    import os
+
+    children = {}
+    for stat in os.listdir("/proc"):
+        if stat.isdigit():
+            try:
+                fields = open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(stat))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def test_torchrun_killed_and_resumed_ends_with_the_uninterrupted_weights(tmp_path):
+    """A 2-process run killed after its first saved epoch and started again ends with weights equal to
+    an uninterrupted 2-process run's: each rank's random stream (dropout) is saved and restored."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from data.paths import PROJECT_ROOT
+    from trainer import load_checkpoint
+
+    def command(where):
+        overrides = ["seed=2025", "trainer.base.epochs=40", "trainer.base.stopping_step=0", "trainer.expert.epochs=2",
+                     *tiny_overrides(where),
+                     f"hydra.run.dir={where}/hydra" + "${rank_suffix:}"]
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "pretrain.py",
+                *overrides]
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    whole = subprocess.run(command(tmp_path / "whole"), cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = tmp_path / "killed"
+    job = subprocess.Popen(command(killed), cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not list((killed / "checkpoint").rglob("*.full.ckpt.resume")) and job.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    for pid in [job.pid, *descendants(job.pid)]:  # the launcher and its workers at once, as a preemption does
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    job.wait()
+    assert not list((killed / "checkpoint").rglob("*.full.ckpt")), "killed too late: the base model finished"
+    resumed = subprocess.run(command(killed), cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    for path in sorted((tmp_path / "whole" / "checkpoint").rglob("*.ckpt")):
+        other = killed / path.relative_to(tmp_path / "whole")
+        a, b = load_checkpoint(path)["state_dict"], load_checkpoint(other)["state_dict"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), path.name

@@ -151,3 +151,44 @@ def test_report_waits_for_another_job_training_the_same_checkpoint(tmp_path, cap
     assert waiting.is_set() and base.is_file()
     assert metrics["stage"] == "pretrain" and "full" in metrics["valid"]
     assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_a_recorded_run_is_reused_only_with_the_settings_it_was_made_with(tmp_path, caplog):
+    """The report reuses a run only when its recorded settings are this invocation's: other settings
+    stop it, naming the run and the keys, unless --rerun; a broken record is run again; the header
+    holds every argument and override."""
+    import logging
+    import shlex
+
+    import pytest
+
+    overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith(("dataset=", "run_dir"))]
+    overrides += ["trainer.base.epochs=2", "trainer.expert.epochs=1", "trainer.finetune.epochs=1",
+                  *(f"finetune:{o}" for o in TINY_MODEL)]
+    argv = ["--dataset", "synthetic", "--seeds", "2025", "--domains", "dom1", "--backbones", "SASRec",
+            "--baselines", "--parts", "table2", "--out", str(tmp_path / "report"), "--", *overrides]
+    text = main(argv)
+    assert f"command `{shlex.join(['python', '-m', 'analysis.report', *argv])}`" in text
+    runs = tmp_path / "report" / "runs"
+    sim = runs / "table2" / "SASRec-sim-dom1-seed2025"
+    recorded = json.loads((sim / "metrics.json").read_text())
+
+    longer = [*argv, "finetune:trainer.finetune.epochs=2"]
+    with pytest.raises(SystemExit, match=rf"error: {sim}: recorded with other settings .*training\.epochs: 1 -> 2"
+                                         r".*another --out, or pass --rerun"):
+        main(longer)
+    with pytest.raises(SystemExit, match="training.epochs: 1 -> 2"):
+        main([*longer[:-len(overrides) - 2], "--collect-only", *longer[-len(overrides) - 2:]])  # nor collected
+    assert json.loads((sim / "metrics.json").read_text()) == recorded  # nothing was replaced
+
+    (sim / "metrics.json").write_text("{}")  # a cut record: run again, not taken as done
+    with caplog.at_level(logging.WARNING, logger="analysis.report"):
+        main(argv)
+    assert "not a run's metrics" in caplog.text and "running it again" in caplog.text
+    assert json.loads((sim / "metrics.json").read_text())["test"] == recorded["test"]
+
+    text = main(["--rerun", *longer])  # the runs of other settings made again, replacing their records
+    assert "trainer.finetune.epochs=2" in text.split("\n")[2]
+    assert "epochs: 2" in (sim / "config.yaml").read_text()
+    again = main(longer)  # now recorded with these settings: reused, the same tables
+    assert again.split("\n")[3:] == text.split("\n")[3:] and "--rerun" not in again.split("\n")[2]
