@@ -45,19 +45,31 @@ def prepared(dataset: str):
     return PreparedDataset(project_path("dataset"), dataset)
 
 
-def _train(model_name: str, dataset_name: str, batches: int, device: str) -> tuple[float, int, float, float]:
+def _train(model_name: str, dataset_name: str, batches: int, device: str, reference: bool = False,
+           threads: int | None = None) -> tuple[float, int, float, float, float]:
+    from omegaconf import OmegaConf
+
     from cdsr_baseline.data import user_sequences
     from cdsr_baseline.models import build_baseline
     from data import SequenceLoader
     from pipeline.settings import compose
 
+    if threads:
+        torch.set_num_threads(threads)
     dataset = prepared(dataset_name)
     cfg = compose("baseline", [f"model={model_name}"])
     torch.manual_seed(0)
-    model = build_baseline(model_name, dataset, cfg.model, user_sequences(dataset, 128)).to(device).train()
+    sequences = user_sequences(dataset, 128)
+    if reference:  # the implementation before the speed-ups, kept literally under tests/
+        module = __import__(f"tests.reference_{model_name.lower()}", fromlist=["_"])
+        params = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
+        model = getattr(module, model_name)(dataset.domains.n_items, list(dataset.domains.starts), sequences,
+                                            **params).to(device).train()
+    else:
+        model = build_baseline(model_name, dataset, cfg.model, sequences).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     loader = iter(SequenceLoader(dataset.rows("full.train"), 128, 128, shuffle=True, seed=0))
-    rows, seconds = 0, 0.0
+    rows, seconds, flops = 0, 0.0, 0.0
     for step in range(batches + 1):
         batch = next(loader).to(device)
         started = time.perf_counter()
@@ -70,9 +82,36 @@ def _train(model_name: str, dataset_name: str, batches: int, device: str) -> tup
         if step:  # the first batch warms up
             seconds += time.perf_counter() - started
             rows += len(batch.users)
+    if reference is False and model_name in ("CGRec", "SyNCRec"):
+        flops = matmul_flops(model, batch)
     peak = peak_rss_bytes() / 1e9
     gpu = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else 0.0
-    return seconds, rows, peak, gpu
+    return seconds, rows, peak, gpu, flops
+
+
+def matmul_flops(model, batch) -> float:
+    """Matrix-multiply FLOPs of one training step as this implementation runs it (forward and
+    backward, counted by torch's FLOP counter on the last batch): the floor's numerator."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model.loss(batch).backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def gemm_rate(threads: int) -> float:
+    """FLOP/s of a float32 matrix multiply of the models' shapes (16384 x 128 by 128 x 512) on this
+    machine with `threads` threads: the rate the floor divides by."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(16384, 128), torch.randn(128, 512)
+    for _ in range(3):
+        a @ b
+    started, n = time.perf_counter(), 20
+    for _ in range(n):
+        a @ b
+    return 2 * 16384 * 128 * 512 * n / (time.perf_counter() - started)
 
 
 def main() -> None:
@@ -81,7 +120,12 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--batches", type=int, default=5, help="timed training steps per pair")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--reference", action="store_true",
+                        help="CGRec and SyNCRec: also the implementation before the speed-ups (tests/reference_*.py), "
+                             "side by side, one thread each, with the matmul FLOP floor")
     args = parser.parse_args()
+    if args.reference:
+        return side_by_side(args)
     print(f"device {args.device}, {torch.get_num_threads()} CPU threads, batch 128, {args.batches} timed steps")
     print("| model | dataset | s/batch | rows/s | epoch of full.train (extrapolated) | peak RSS GB | peak GPU GB |")
     print("|---|---|---:|---:|---:|---:|---:|")
@@ -90,10 +134,32 @@ def main() -> None:
         n_rows = len(prepared(name).rows("full.train"))
         for model in args.models:
             with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                seconds, rows, peak, gpu = pool.submit(_train, model, name, args.batches, args.device).result()
+                seconds, rows, peak, gpu, _ = pool.submit(_train, model, name, args.batches, args.device).result()
             per_row = seconds / rows
             print(f"| {model} | {name} | {seconds / args.batches:.2f} | {1 / per_row:.1f} | "
                   f"{per_row * n_rows / 60:.1f} min | {peak:.2f} | {gpu:.2f} |", flush=True)
+
+
+def side_by_side(args) -> None:
+    """Reference and current implementation of each model in turn, one thread, on the same batches."""
+    rate = gemm_rate(1)
+    print(f"one thread; float32 GEMM rate of this machine {rate / 1e9:.0f} GFLOP/s; batch 128, {args.batches} timed "
+          "steps a run")
+    print("| model | dataset | before s/step | now s/step | speed-up | now: matmul GFLOP a step | floor s/step "
+          "| now / floor | peak RSS GB before / now |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for key in args.datasets:
+        name = DATASETS[key]
+        for model in [m for m in args.models if m in ("CGRec", "SyNCRec")]:
+            results = []
+            for reference in (True, False):
+                with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                    results.append(pool.submit(_train, model, name, args.batches, args.device, reference, 1).result())
+            (before, _, rss_before, _, _), (now, _, rss_now, _, flops) = results
+            floor = flops / rate
+            print(f"| {model} | {name} | {before / args.batches:.2f} | {now / args.batches:.2f} | {before / now:.2f}x | "
+                  f"{flops / 1e9:.0f} | {floor:.2f} | {now / args.batches / floor:.2f}x | "
+                  f"{rss_before:.2f} / {rss_now:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -31,12 +31,13 @@ from cdsr_baseline.data import domain_of
 from cdsr_baseline.layers import (BertParams, Intermediate, bert_blocks, bert_init, binary_loss,
                                   left_align, sample_excluding)
 from data import SequenceBatch
-from model.decoder import attention_mask
+from model.decoder import FastDropout, attention_mask
 from pipeline.distributed import summed_over_ranks
 from pipeline.schema import at_least
 
 RESERVED = 5  # ids 0..4 of every vocabulary: pad, unknown, eos, sos, mask (the official tokenizer's)
 SHAPLEY_TEMPERATURE = 0.05  # fixed in the official code
+LENGTH_GROUPS = 4  # a batch is encoded in this many groups of similar length (CGRec.heads)
 
 
 @dataclass(kw_only=True)
@@ -113,7 +114,7 @@ class CGRec(nn.Module):
         self.coarse_emb = nn.Embedding(self.coarse_size, D, padding_idx=0)
         self.fine_emb = nn.Embedding(self.fine_size, D, padding_idx=0)
         self.ln_input = nn.LayerNorm(D, eps=1e-12)
-        self.dropout = nn.Dropout(p.hidden_dropout_prob)
+        self.dropout = FastDropout(p.hidden_dropout_prob)
         self.blocks = bert_blocks(p)
         self.head_coarse = Intermediate(D, p.hidden_dropout_prob)  # I_1
         self.head_item = Intermediate(D, p.hidden_dropout_prob)  # I_2
@@ -135,8 +136,30 @@ class CGRec(nn.Module):
 
     def heads(self, x: torch.Tensor, slots: torch.Tensor, coarse: torch.Tensor, fine: torch.Tensor,
               real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(z^0, z^1, z^2) of left-padded inputs; `real` the attention's key mask."""
-        positions = torch.arange(x.size(1), device=x.device)
+        """(z^0, z^1, z^2) of left-padded inputs (B, W); `real` the attention's key mask.
+
+        The rows are encoded in LENGTH_GROUPS groups of similar length, each cut to its last w slots,
+        w its longest row (about a third of a batch of ACDT is padding): positions stay slots
+        L - w .. L - 1 and the padded keys cut away were barred anyway, so every real position's
+        states are those of the whole padded batch. The padded positions' states are 0 (the
+        official code's are never read either: the losses weigh them 0)."""
+        B, W = x.shape
+        lengths = real.sum(1)
+        if B < LENGTH_GROUPS:
+            return self._heads(x, slots, coarse, fine, real)
+        out = None
+        for rows in lengths.argsort().chunk(LENGTH_GROUPS):
+            w = max(int(lengths[rows].max()), 1)
+            z = self._heads(*(t[rows, W - w:] for t in (x, slots, coarse, fine, real)))
+            if out is None:
+                out = [z_.new_zeros(B, W, z_.size(-1)) for z_ in z]
+            for full, part in zip(out, z):
+                full[rows, W - w:] = part
+        return tuple(out)
+
+    def _heads(self, x, slots, coarse, fine, real):
+        L, W = self.params.max_seq_length, x.size(1)
+        positions = torch.arange(L - W, L, device=x.device)  # left-aligned rows end at slot L - 1
         e = self.item_emb(x) + self.pos_emb(positions)
         if self.params.hierarchical:
             e = e + self.slot_emb(slots) + self.fine_emb(fine) + self.coarse_emb(coarse)
@@ -161,10 +184,12 @@ class CGRec(nn.Module):
     # ------------------------------------------------------------------ training
 
     def loss(self, batch: SequenceBatch) -> torch.Tensor:
-        L = self.params.max_seq_length
+        # only the last W slots, W the batch's longest history: the slots before are padding in every
+        # row (35-40% of a batch of ACDT), which the key mask and the loss weights leave out anyway
         history = batch.lengths - 1
-        x = left_align(batch.items[:, :-1], history, L)
-        y = left_align(batch.items[:, 1:], history, L)
+        W = min(int(history.max()), self.params.max_seq_length)
+        x = left_align(batch.items[:, :-1], history, W)
+        y = left_align(batch.items[:, 1:], history, W)
         real = x != 0
         slots = domain_of(x, self.starts)
         targets = (y, self.coarse(y), self.fine(y))
@@ -216,6 +241,6 @@ class CGRec(nn.Module):
 
     def scores(self, batch: SequenceBatch, item_range: tuple[int, int]) -> torch.Tensor:
         lo, hi = item_range
-        x = left_align(batch.items, batch.lengths - 1, self.params.max_seq_length)
+        x = left_align(batch.items, batch.lengths - 1, min(int((batch.lengths - 1).max()), self.params.max_seq_length))
         _, _, z2 = self.heads(x, domain_of(x, self.starts), self.coarse(x), self.fine(x), x != 0)
         return z2[:, -1] @ self.item_emb.weight[lo:hi].T

@@ -3,6 +3,8 @@
     SwiGLU          W_3 (SiLU(W_2 z) * W_1 z), no biases (ABXI's feed-forward, adapters, projectors)
     LoRA            z (A B)^T, A ~ N(0, 1) / 50, B = 0 (ABXI's dLoRA and iLoRA)
     Intermediate    LN(z + drop(W_b GELU(W_a z + a) + b)), inner 4D (CGRec's heads, SyNCRec's towers)
+    (CGRec's and SyNCRec's dropouts draw their masks with model.decoder.keep_mask: nn.Dropout's
+    computation at a fraction of its CPU cost, another random stream)
     binary_loss     -log(sigma(h.E_pos) + 1e-24) - log(1 - sigma(h.E_neg) + 1e-24), mean or sum form
     left_align      right-padded rows -> their most recent items, left-padded (the baselines' layout)
     BertParams      the Transformer keys CGRec and SyNCRec share (their official copies' common names),
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.decoder import Block
+from model.decoder import Block, FastDropout
 from pipeline.distributed import summed_over_ranks
 from pipeline.schema import at_least
 
@@ -54,7 +56,7 @@ class Intermediate(nn.Module):
         self.inner = nn.Linear(hidden, 4 * hidden)
         self.outer = nn.Linear(4 * hidden, hidden)
         self.norm = nn.LayerNorm(hidden, eps=layer_norm_eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = FastDropout(dropout)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.norm(z + self.dropout(self.outer(F.gelu(self.inner(z)))))
@@ -76,7 +78,8 @@ def bert_blocks(p: BertParams) -> nn.ModuleList:
     """num_hidden_layers post-LN blocks of inner width 4D and LayerNorm eps 1e-12."""
     D = p.hidden_size
     return nn.ModuleList(
-        Block(D, p.num_attention_heads, 4 * D, p.hidden_dropout_prob, p.attention_probs_dropout_prob, 1e-12)
+        Block(D, p.num_attention_heads, 4 * D, p.hidden_dropout_prob, p.attention_probs_dropout_prob, 1e-12,
+              fast_dropout=True)
         for _ in range(p.num_hidden_layers))
 
 

@@ -31,7 +31,7 @@ from cdsr_baseline.data import domain_of
 from cdsr_baseline.layers import (BertParams, Intermediate, bert_blocks, bert_init, binary_loss,
                                   left_align, sample_excluding)
 from data import SequenceBatch
-from model.decoder import attention_mask
+from model.decoder import FastDropout, attention_mask
 from pipeline.distributed import mean_over_ranks, rows_over_ranks, shared_permutation, summed_over_ranks
 from pipeline.schema import at_least
 
@@ -58,6 +58,26 @@ class SyNCRecParams(BertParams):
 
 QUIRKS = {"shared_modules": (True, False), "gate_noise_at_eval": (True, False),
           "single_view_mask": ("mixed", "own")}
+
+
+LENGTH_GROUPS = 4  # the experts encode a batch in this many groups of similar length (`grouped`)
+
+
+def grouped(expert: nn.Module, e: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """expert(e, mask) at every real slot, the rows encoded in LENGTH_GROUPS groups of similar length,
+    each cut to its last w slots (w its longest row): the slots cut away are padding in every row of
+    the group, which the key mask bars (in the mixed and the own-domain views alike), so the real
+    slots' outputs are the whole width's. Padded slots' outputs are 0: no loss reads them (their
+    targets are padding), and the gates read the embeddings `e`, not the experts' outputs. Without
+    `lengths`, the whole width."""
+    B, W, D = e.shape
+    if lengths is None or B < LENGTH_GROUPS:
+        return expert(e, mask)
+    out = e.new_zeros(B, W, D)
+    for rows in lengths.argsort().chunk(LENGTH_GROUPS):
+        w = max(int(lengths[rows].max()), 1)
+        out[rows, W - w:] = expert(e[rows, W - w:], mask[rows][..., W - w:, W - w:])
+    return out
 
 
 class NoisyGate(nn.Module):
@@ -113,7 +133,7 @@ class SyNCRec(nn.Module):
         self.slot_emb = nn.Embedding(self.K + 1, D, padding_idx=0)
         self.pos_emb = nn.Embedding(L, D)
         self.ln_input = nn.LayerNorm(D, eps=1e-12)
-        self.dropout = nn.Dropout(p.hidden_dropout_prob)
+        self.dropout = FastDropout(p.hidden_dropout_prob)
         # official: one expert, one tower and one gate serve every slot of their lists
         n_modules = 1 if p.shared_modules else None
         self.experts = nn.ModuleList(Expert(p) for _ in range(n_modules or p.expert_num))
@@ -137,8 +157,10 @@ class SyNCRec(nn.Module):
     def _module(self, modules: nn.ModuleList, index: int) -> nn.Module:
         return modules[0] if self.params.shared_modules else modules[index]
 
-    def task(self, e: torch.Tensor, mask: torch.Tensor, task: int) -> torch.Tensor:
-        """The tower's output of one task: 0..K-1 the single-domain tasks, K the cross-domain one."""
+    def task(self, e: torch.Tensor, mask: torch.Tensor, task: int, lengths: torch.Tensor | None) -> torch.Tensor:
+        """The tower's output of one task: 0..K-1 the single-domain tasks, K the cross-domain one;
+        `lengths` (B,) the rows' real slots (the last ones of the left-padded width; None: encode the
+        whole width)."""
         cross = task == self.K
         r = self.params.cross_expert_ratio
         noise = self.training or self.params.gate_noise_at_eval
@@ -151,7 +173,7 @@ class SyNCRec(nn.Module):
             # graph (the same values and dropout draws as computing and detaching them, less memory)
             detached = cross == (i < self.n_single)
             with torch.set_grad_enabled(torch.is_grad_enabled() and not detached):
-                out = self._module(self.experts, i)(e, mask)  # each call with its own dropout noise
+                out = grouped(self._module(self.experts, i), e, mask, lengths)  # each with its own dropout noise
             mixture = mixture + weights[:, i, None, None] * out
         return self._module(self.towers, task)(mixture)
 
@@ -166,13 +188,17 @@ class SyNCRec(nn.Module):
         slots, target_slots = domain_of(x, self.starts), domain_of(y, self.starts)
         negative = self.negatives(batch.users, x, real)
         mixed_mask = attention_mask(real)
-        c = self.task(self.embed(x, slots), mixed_mask, self.K)
+        lengths = real.sum(1)
+        c = self.task(self.embed(x, slots), mixed_mask, self.K, lengths)
         single_sum, single_mean, cross_sum, cross_mean = [], [], [], []
         summary = torch.zeros_like(c)  # S_t: the single-domain representation of the input item's domain
         for d in range(1, self.K + 1):
             own = slots == d
             view_mask = mixed_mask if self.params.single_view_mask == "mixed" else attention_mask(own)
-            h = self.task(self.embed(x * own, slots * own), view_mask, d - 1)
+            # an own-domain view can bar every key of a query (no own item before it), whose weights then
+            # spread over the whole width, padding included: that view keeps the whole width
+            h = self.task(self.embed(x * own, slots * own), view_mask, d - 1,
+                          lengths if self.params.single_view_mask == "mixed" else None)
             summary = summary + own[..., None] * h
             m = (target_slots == d).float()
             single_sum.append(binary_loss(h, self.item_emb.weight, y, negative, m, "sum"))
@@ -214,5 +240,5 @@ class SyNCRec(nn.Module):
     def scores(self, batch: SequenceBatch, item_range: tuple[int, int]) -> torch.Tensor:
         lo, hi = item_range
         x = left_align(batch.items, batch.lengths - 1, self.params.max_seq_length)
-        c = self.task(self.embed(x, domain_of(x, self.starts)), attention_mask(x != 0), self.K)
+        c = self.task(self.embed(x, domain_of(x, self.starts)), attention_mask(x != 0), self.K, (x != 0).sum(1))
         return c[:, -1] @ self.item_emb.weight[lo:hi].T

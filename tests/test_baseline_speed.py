@@ -1,0 +1,153 @@
+"""The faster CGRec and SyNCRec compute what they computed before, and their dropout is nn.Dropout's.
+
+The implementations before the speed-ups are kept literally in tests/reference_cgrec.py and
+tests/reference_syncrec.py. With dropout off and the draws that are not dropout fixed (negatives,
+gate noise, SyNCRec's permutation drawn alike), the loss, every gradient, the running state and the
+evaluation scores equal the reference's on a hand-made batch of rows of many lengths. The dropout
+(model.decoder.keep_mask) keeps each element with probability 1 - p and scales it by 1 / (1 - p),
+checked against bounds that a wrong rate or correlated bits would fail, and the same seed gives the
+same bytes.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data import SequenceBatch
+from model.decoder import Block, attend, attention_mask, fast_dropout, keep_mask
+from tests import reference_cgrec, reference_syncrec
+from tests.test_data_parallel import STARTS, fixed_negatives
+
+NO_DROPOUT = {"num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 16, "hidden_dropout_prob": 0.0,
+              "attention_probs_dropout_prob": 0.0, "max_seq_length": 12}
+CASES = {
+    "CGRec official": ("cgrec", {}),
+    "CGRec corrected": ("cgrec", {"loss_slot": "target", "shapley_pairing": "marginal", "extra_empty_slots": 0}),
+    "SyNCRec official": ("syncrec", {"expert_num": 4}),
+    "SyNCRec corrected": ("syncrec", {"expert_num": 4, "shared_modules": False, "gate_noise_at_eval": False,
+                                      "single_view_mask": "own"}),
+}
+
+
+def batch_of_many_lengths() -> tuple[torch.Tensor, SequenceBatch]:
+    """Nine users, 2 to 14 items (longer than the model's 12 slots too), over the three domains."""
+    torch.manual_seed(3)
+    lengths = [2, 3, 5, 6, 8, 9, 11, 13, 14]
+    width = max(lengths)
+    items = torch.zeros(len(lengths), width, dtype=torch.long)
+    for r, n in enumerate(lengths):
+        items[r, :n] = torch.randint(1, 16, (n,))
+    sequences = torch.zeros(len(lengths) + 1, 16, dtype=torch.long)
+    sequences[1:, :width] = items
+    return sequences, SequenceBatch(torch.arange(1, len(lengths) + 1), items, torch.tensor(lengths))
+
+
+def both(case: str):
+    """(reference, faster) models of one case, with the same weights."""
+    module, extra = CASES[case]
+    name = {"cgrec": "CGRec", "syncrec": "SyNCRec"}[module]
+    sequences, batch = batch_of_many_lengths()
+    made = []
+    for source in (getattr(reference_cgrec if module == "cgrec" else reference_syncrec, name),
+                   getattr(__import__(f"cdsr_baseline.{module}", fromlist=["_"]), name)):
+        torch.manual_seed(0)
+        made.append(source(15, STARTS, sequences, **NO_DROPOUT, **extra))
+    made[1].load_state_dict(made[0].state_dict())
+    return (*made, batch)
+
+
+@pytest.fixture
+def fixed_draws(monkeypatch):
+    import cdsr_baseline.cgrec
+    import cdsr_baseline.syncrec
+
+    for module in (cdsr_baseline.cgrec, cdsr_baseline.syncrec, reference_cgrec, reference_syncrec):
+        monkeypatch.setattr(module, "sample_excluding", fixed_negatives)
+    monkeypatch.setattr(torch, "randn_like", torch.zeros_like)  # SyNCRec's gate noise
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_faster_model_computes_the_references_loss_gradients_state_and_scores(case, fixed_draws):
+    reference, faster, batch = both(case)
+    results = []
+    for model in (reference, faster):
+        model.train()
+        torch.manual_seed(1)  # SyNCRec's permutation of the MIP term
+        loss = model.loss(batch)
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        state = {n: b.clone() for n, b in model.named_buffers() if n in ("shapley_state", "lrb_state")}
+        model.eval()
+        with torch.no_grad():
+            scores = [model.scores(batch, (lo, hi)) for lo, hi in zip(STARTS, STARTS[1:])]
+        results.append((loss.detach(), grads, state, scores))
+    (loss_a, grads_a, state_a, scores_a), (loss_b, grads_b, state_b, scores_b) = results
+    assert loss_b.item() == pytest.approx(loss_a.item(), rel=1e-5)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
+    for key in grads_a:
+        torch.testing.assert_close(grads_b[key], grads_a[key], rtol=1e-5, atol=1e-7, msg=key)
+    assert state_a.keys() == state_b.keys() and state_a
+    for key in state_a:
+        torch.testing.assert_close(state_b[key], state_a[key], rtol=1e-5, atol=1e-7)
+    if case != "SyNCRec official":  # its gates draw noise at evaluation (the official quirk): patched to 0
+        for a, b in zip(scores_a, scores_b):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5])
+def test_the_dropout_keeps_at_nn_dropouts_rate_and_scale(p):
+    """Over n = 2^21 elements the kept share is within 6 standard deviations of 1 - p; so is the
+    share of neighbouring pairs both kept ((1 - p)^2: the two halves of a 64-bit draw are
+    independent); kept elements are scaled by 1 / (1 - p) exactly as nn.Dropout scales them."""
+    torch.manual_seed(0)
+    x = torch.rand(2**21) + 0.5
+    out = fast_dropout(x, p)
+    kept = out != 0
+    n, q = x.numel(), 1 - p
+    assert abs(kept.float().mean().item() - q) < 6 * math.sqrt(q * (1 - q) / n)
+    pairs = (kept[0::2] & kept[1::2]).float().mean().item()
+    assert abs(pairs - q * q) < 6 * math.sqrt(q * q * (1 - q * q) / (n / 2))
+    assert torch.equal(out[kept], x[kept] * (1.0 / q))
+    reference = F.dropout(x, p, training=True)
+    assert torch.equal(reference[reference != 0], x[reference != 0] * (1.0 / q))  # nn.Dropout's scale, the same
+
+
+def test_the_dropout_is_reproducible_and_off_where_nn_dropouts_is():
+    x = torch.randn(64, 33)
+    torch.manual_seed(5)
+    first = fast_dropout(x, 0.3)
+    torch.manual_seed(5)
+    assert torch.equal(fast_dropout(x, 0.3), first)  # the same seed, the same bytes
+    assert not torch.equal(fast_dropout(x, 0.3), first)  # the stream moves on
+    assert fast_dropout(x, 0.3, training=False) is x and fast_dropout(x, 0.0) is x
+    assert not fast_dropout(x, 1.0).any()
+    assert keep_mask((3, 5), 0.5).shape == (3, 5) and keep_mask((7,), 1e-12).all()
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_written_out_is_scaled_dot_product_attention(masked):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 9, 8) for _ in range(3))
+    real = torch.ones(3, 9, dtype=torch.bool)
+    real[0, :4] = real[2, :7] = False  # left padding
+    mask = attention_mask(real) if masked else None
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not masked)
+    torch.testing.assert_close(attend(q, k, v, mask, lambda w: w), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_block_with_the_fast_dropout_trains_like_one_without():
+    """Dropout on: another random stream, the same expectation; dropout off: the same block."""
+    torch.manual_seed(0)
+    plain = Block(8, 2, 16, 0.0, 0.0, 1e-12)
+    fast = Block(8, 2, 16, 0.0, 0.0, 1e-12, fast_dropout=True)
+    fast.load_state_dict(plain.state_dict())
+    x = torch.randn(4, 6, 8)
+    torch.testing.assert_close(fast(x), plain(x))
+    noisy = Block(8, 2, 16, 0.5, 0.5, 1e-12, fast_dropout=True).train()
+    torch.manual_seed(1)
+    first = noisy(x)
+    torch.manual_seed(1)
+    assert torch.equal(noisy(x), first) and not torch.equal(noisy(x), first)
