@@ -81,6 +81,29 @@ def _decode_sharded(cfg: DictConfig, dataset, rows, targets: list[int], rule, wo
     return regenerations(rows, domains, {t: (joined[2 * i], joined[2 * i + 1]) for i, t in enumerate(targets)})
 
 
+def _write(cfg: DictConfig, dataset, dom: str, result, output, inputs: dict, checkpoints: dict) -> dict:
+    """Write one target domain's regenerated training file (its rows merged with the original ones) and
+    the records beside it; returns its report."""
+    original = dataset.rows(f"{dom}.train")
+    training = merge_training_rows(original, result.rows)
+    report = {**result.report, "variant": variant_name(cfg), "rows_out": len(training), "original_rows": len(original)}
+    manifest = {"dataset": dataset.name, "seed": cfg.seed, "target_dom": dom, "variant": variant_name(cfg),
+                "inputs": inputs,
+                # where the checkpoints lie (the fingerprints hold content only): for the mapping view
+                "checkpoints": {role: str(path) for role, path in checkpoints.items()},
+                "decoding": OmegaConf.to_container(cfg.decoding, resolve=True),
+                "MAX_ITEM_LIST_LENGTH": cfg.MAX_ITEM_LIST_LENGTH}
+    path = output.write(training, report, result.mapping, manifest)
+    log.info(
+        "%s: %d source items seen, %d replaced, %d deleted; %d regenerated rows (mean length %.1f, "
+        "target-only %.1f); %d distinct target items introduced; %d training rows -> %s",
+        dom, report["source_items_seen"], report["source_items_replaced"], report["source_items_deleted"],
+        report["regenerated_rows"], report["mean_length_regenerated"], report["mean_length_target_only"],
+        report["distinct_target_items_introduced"], len(training), path,
+    )
+    return report
+
+
 def run_decoding(cfg: DictConfig) -> dict:
     """Write the regenerated training file of `target_dom` (or of every domain); returns its report
     (with `target_dom=all`, the reports by domain). Under torchrun the ranks share the rows and rank 0
@@ -97,9 +120,8 @@ def _run_decoding(cfg: DictConfig, world: World) -> dict:
     domains = dataset.domains
     targets = domains.names if cfg.target_dom == ALL_DOMAINS else [cfg.target_dom]
     outputs = {dom: regenerated(cfg, dom) for dom in targets}
-    inputs = {dom: decoding_inputs(cfg, dataset, dom) for dom in targets}
-    # where the checkpoints lie (the fingerprints in `inputs` hold content only): for the mapping view
-    checkpoints = {role: str(path) for role, path in stage1_checkpoints(cfg, dataset).items()}
+    checkpoints = stage1_checkpoints(cfg, dataset)
+    inputs = {dom: decoding_inputs(cfg, dataset, dom, checkpoints) for dom in targets}
     # One job decodes these files at a time: a second one started with the same settings and seed
     # stops at once (BusyError, as a second training of a checkpoint does) instead of doing the work twice.
     missing = cfg.overwrite or not all(outputs[dom].inter.is_file() for dom in targets)
@@ -123,24 +145,8 @@ def _run_decoding(cfg: DictConfig, world: World) -> dict:
             if not world.is_main:
                 return {}
             for dom in todo:
-                result = results[domains.index(dom)]
-                original = dataset.rows(f"{dom}.train")
-                training = merge_training_rows(original, result.rows)
-                report = {**result.report, "variant": variant_name(cfg), "rows_out": len(training),
-                          "original_rows": len(original)}
-                manifest = {"dataset": dataset.name, "seed": cfg.seed, "target_dom": dom,
-                            "variant": variant_name(cfg), "inputs": inputs[dom], "checkpoints": checkpoints,
-                            "decoding": OmegaConf.to_container(cfg.decoding, resolve=True),
-                            "MAX_ITEM_LIST_LENGTH": cfg.MAX_ITEM_LIST_LENGTH}
-                path = outputs[dom].write(training, report, result.mapping, manifest)
-                log.info(
-                    "%s: %d source items seen, %d replaced, %d deleted; %d regenerated rows (mean length %.1f, "
-                    "target-only %.1f); %d distinct target items introduced; %d training rows -> %s",
-                    dom, report["source_items_seen"], report["source_items_replaced"], report["source_items_deleted"],
-                    report["regenerated_rows"], report["mean_length_regenerated"], report["mean_length_target_only"],
-                    report["distinct_target_items_introduced"], len(training), path,
-                )
-                reports[dom] = report
+                reports[dom] = _write(cfg, dataset, dom, results[domains.index(dom)], outputs[dom], inputs[dom],
+                                      checkpoints)
             logger = RunLogger(cfg, run_folder(cfg), job="decoding")
     if not world.is_main:
         return {}

@@ -52,7 +52,7 @@ from typing import Callable
 from analysis.statistics import Comparison, aligned, paired_bootstrap
 from data.files import BusyError, exclusive_lock, write_text_atomic
 from data.paths import project_path
-from pipeline.records import RecordError, read_metrics, recorded_settings, result_settings
+from pipeline.records import METRICS_FILE, RecordError, read_metrics, recorded_settings, result_settings
 from pipeline.schema import describe_differences
 
 log = logging.getLogger(__name__)
@@ -105,10 +105,10 @@ class Report:
         read, which is logged). A record of other settings stops the report (SettingsMismatch),
         unless `rerun`."""
         folder = self.out / "runs" / name
-        if not (folder / "metrics.json").exists():
+        if not (folder / METRICS_FILE).exists():
             return None
         try:
-            metrics = read_metrics(folder / "metrics.json")
+            metrics = read_metrics(folder / METRICS_FILE)
         except RecordError as error:
             log.warning("%s; %s", error, "left out" if self.collect_only else "running it again")
             return None

@@ -82,7 +82,7 @@ def _train(model_name: str, dataset_name: str, batches: int, device: str, refere
         if step:  # the first batch warms up
             seconds += time.perf_counter() - started
             rows += len(batch.users)
-    if reference is False and model_name in ("CGRec", "SyNCRec"):
+    if not reference and model_name in ("CGRec", "SyNCRec"):
         flops = matmul_flops(model, batch)
     peak = peak_rss_bytes() / 1e9
     gpu = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else 0.0

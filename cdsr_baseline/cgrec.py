@@ -29,7 +29,7 @@ from torch import nn
 
 from cdsr_baseline.data import domain_of
 from cdsr_baseline.layers import (BertParams, Intermediate, bert_blocks, bert_init, binary_loss,
-                                  left_align, sample_excluding)
+                                  in_length_groups, left_align, sample_excluding)
 from data import SequenceBatch
 from model.decoder import FastDropout, attention_mask
 from pipeline.distributed import summed_over_ranks
@@ -37,7 +37,6 @@ from pipeline.schema import at_least
 
 RESERVED = 5  # ids 0..4 of every vocabulary: pad, unknown, eos, sos, mask (the official tokenizer's)
 SHAPLEY_TEMPERATURE = 0.05  # fixed in the official code
-LENGTH_GROUPS = 4  # a batch is encoded in this many groups of similar length (CGRec.heads)
 
 
 @dataclass(kw_only=True)
@@ -138,24 +137,17 @@ class CGRec(nn.Module):
               real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(z^0, z^1, z^2) of left-padded inputs (B, W); `real` the attention's key mask.
 
-        The rows are encoded in LENGTH_GROUPS groups of similar length, each cut to its last w slots,
-        w its longest row (about a third of a batch of ACDT is padding): positions stay slots
+        The rows are encoded in groups of similar length (`in_length_groups`), each cut to its last w
+        slots, w its longest row (about a third of a batch of ACDT is padding): positions stay slots
         L - w .. L - 1 and the padded keys cut away were barred anyway, so every real position's
         states are those of the whole padded batch. The padded positions' states are 0 (the
         official code's are never read either: the losses weigh them 0)."""
-        B, W = x.shape
-        lengths = real.sum(1)
-        if B < LENGTH_GROUPS:
-            return self._heads(x, slots, coarse, fine, real)
-        out = None
-        for rows in lengths.argsort().chunk(LENGTH_GROUPS):
-            w = max(int(lengths[rows].max()), 1)
-            z = self._heads(*(t[rows, W - w:] for t in (x, slots, coarse, fine, real)))
-            if out is None:
-                out = [z_.new_zeros(B, W, z_.size(-1)) for z_ in z]
-            for full, part in zip(out, z):
-                full[rows, W - w:] = part
-        return tuple(out)
+        W = x.size(1)
+
+        def encode(rows, w):
+            return self._heads(*(t[rows, W - w:] for t in (x, slots, coarse, fine, real)))
+
+        return in_length_groups(encode, real.sum(1), W)
 
     def _heads(self, x, slots, coarse, fine, real):
         L, W = self.params.max_seq_length, x.size(1)

@@ -7,6 +7,7 @@
     computation at a fraction of its CPU cost, another random stream)
     binary_loss     -log(sigma(h.E_pos) + 1e-24) - log(1 - sigma(h.E_neg) + 1e-24), mean or sum form
     left_align      right-padded rows -> their most recent items, left-padded (the baselines' layout)
+    in_length_groups  a left-padded batch encoded in groups of similar length, without their padding
     BertParams      the Transformer keys CGRec and SyNCRec share (their official copies' common names),
                     with bert_blocks (the layer stack) and bert_init (their initialisation)
 """
@@ -110,6 +111,32 @@ def binary_loss(h: torch.Tensor, table: torch.Tensor, positive: torch.Tensor, ne
     if reduction == "mean":
         return weighted / (summed_over_ranks(weight.sum()) + BINARY_EPS)
     raise ValueError(f"reduction must be mean or sum, got {reduction!r}")
+
+
+LENGTH_GROUPS = 4  # CGRec's network and SyNCRec's experts encode a batch in this many groups
+
+
+def in_length_groups(encode, lengths: torch.Tensor, width: int):
+    """What `encode(rows, w)` gives for left-padded rows (B, width), computed in LENGTH_GROUPS groups of
+    rows of similar length, each cut to its last w slots, w its longest row (`lengths`: each row's
+    real slots, the last ones). `encode` returns one (b, w, D) tensor or a tuple of them for the
+    rows `rows` cut that way; they are put back in place in (B, width, D) tensors, 0 at the slots cut
+    away. Those are padding in every row of their group; where the padded keys are barred, the real
+    slots' outputs are the whole width's. Fewer rows than groups: `encode(slice(None), width)`."""
+    B = len(lengths)
+    if B < LENGTH_GROUPS:
+        return encode(slice(None), width)
+    out, single = None, False
+    for rows in lengths.argsort().chunk(LENGTH_GROUPS):
+        w = max(int(lengths[rows].max()), 1)
+        parts = encode(rows, w)
+        single = isinstance(parts, torch.Tensor)
+        parts = (parts,) if single else parts
+        if out is None:
+            out = [part.new_zeros(B, width, part.size(-1)) for part in parts]
+        for full, part in zip(out, parts):
+            full[rows, width - w:] = part
+    return out[0] if single else tuple(out)
 
 
 def left_align(items: torch.Tensor, lengths: torch.Tensor, width: int) -> torch.Tensor:

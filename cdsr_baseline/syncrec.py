@@ -29,7 +29,7 @@ from torch import nn
 
 from cdsr_baseline.data import domain_of
 from cdsr_baseline.layers import (BertParams, Intermediate, bert_blocks, bert_init, binary_loss,
-                                  left_align, sample_excluding)
+                                  in_length_groups, left_align, sample_excluding)
 from data import SequenceBatch
 from model.decoder import FastDropout, attention_mask
 from pipeline.distributed import mean_over_ranks, rows_over_ranks, shared_permutation, summed_over_ranks
@@ -60,24 +60,16 @@ QUIRKS = {"shared_modules": (True, False), "gate_noise_at_eval": (True, False),
           "single_view_mask": ("mixed", "own")}
 
 
-LENGTH_GROUPS = 4  # the experts encode a batch in this many groups of similar length (`grouped`)
-
-
 def grouped(expert: nn.Module, e: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
-    """expert(e, mask) at every real slot, the rows encoded in LENGTH_GROUPS groups of similar length,
-    each cut to its last w slots (w its longest row): the slots cut away are padding in every row of
-    the group, which the key mask bars (in the mixed and the own-domain views alike), so the real
-    slots' outputs are the whole width's. Padded slots' outputs are 0: no loss reads them (their
+    """expert(e, mask) at every real slot, the rows encoded in groups of similar length without the
+    slots that are padding in every row of the group (`in_length_groups`): the key mask bars them in
+    the mixed and the own-domain views alike. Padded slots' outputs are 0: no loss reads them (their
     targets are padding), and the gates read the embeddings `e`, not the experts' outputs. Without
     `lengths`, the whole width."""
-    B, W, D = e.shape
-    if lengths is None or B < LENGTH_GROUPS:
+    if lengths is None:
         return expert(e, mask)
-    out = e.new_zeros(B, W, D)
-    for rows in lengths.argsort().chunk(LENGTH_GROUPS):
-        w = max(int(lengths[rows].max()), 1)
-        out[rows, W - w:] = expert(e[rows, W - w:], mask[rows][..., W - w:, W - w:])
-    return out
+    W = e.size(1)
+    return in_length_groups(lambda rows, w: expert(e[rows, W - w:], mask[rows][..., W - w:, W - w:]), lengths, W)
 
 
 class NoisyGate(nn.Module):

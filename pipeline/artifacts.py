@@ -283,11 +283,12 @@ def regenerated(cfg: DictConfig, target_dom: str | None = None) -> Regenerated:
     return Regenerated(folder, f"{cfg.dataset.name}.{cfg.seed}.{target_dom}.train", settings)
 
 
-def decoding_inputs(cfg: DictConfig, dataset: PreparedDataset, target_dom: str) -> dict:
+def decoding_inputs(cfg: DictConfig, dataset: PreparedDataset, target_dom: str,
+                    checkpoints: dict[str, Path] | None = None) -> dict:
     """The files a regenerated file is made from: the rows decoded and kept, the vocabulary and the
-    Stage I checkpoints."""
+    Stage I checkpoints (`checkpoints`, when the caller has located them: `stage1_checkpoints`)."""
     inputs = {split: dataset.fingerprint(split) for split in ("item", "full.train", f"{target_dom}.train")}
-    for role, path in stage1_checkpoints(cfg, dataset).items():
+    for role, path in (checkpoints or stage1_checkpoints(cfg, dataset)).items():
         inputs[f"checkpoint {role}"] = fingerprint(path)
     return inputs
 

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.files import write_text_atomic
 from data.paths import project_path
+from pipeline.records import CONFIG_FILE, METRICS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def finish_run(cfg: DictConfig, logger: RunLogger | None, metrics: dict, summary
                       {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     run_dir = run_folder(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    log.info("wrote %s", run_dir / "metrics.json")
+    write_text_atomic(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+    write_text_atomic(run_dir / METRICS_FILE, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    log.info("wrote %s", run_dir / METRICS_FILE)
     return metrics
