@@ -1,8 +1,9 @@
 """Training throughput and peak memory of the cross-domain baselines, on ACDT and on the BEST-sized
-synthetic dataset.
+synthetic dataset; with `--reference`, each sped-up model against its implementation before.
 
     python benchmarks/baseline_throughput.py --batches 5
     python benchmarks/baseline_throughput.py --models ABXI --datasets acdt --batches 20 --device cuda
+    python benchmarks/baseline_throughput.py --reference --models CGRec SyNCRec GCEGNN --datasets acdt
 
 Each (model, dataset) pair runs in its own spawned child process, so that the peak RSS it reports
 is that training's own (the child's VmHWM, `pipeline.resources.peak_rss_bytes`): the model at its official size
@@ -26,6 +27,11 @@ import torch  # noqa: E402
 from pipeline.resources import peak_rss_bytes  # noqa: E402
 
 MODELS = ("ABXI", "CGRec", "SyNCRec")
+# models with a literal copy of their implementation before the speed-ups under tests/ (`--reference`);
+# GCE-GNN is a Stage III backbone, timed on the prefix-expanded rows of a mixed (`full`) and a target
+# domain's (`dom1`) training file
+SPED_UP = ("CGRec", "SyNCRec", "GCEGNN")
+GCEGNN_ROWS = {"GCEGNN": "full.train", "GCEGNN-dom1": "dom1.train"}
 DATASETS = {"acdt": "ACDT", "best": "SYN_BEST"}
 
 
@@ -57,23 +63,28 @@ def _train(model_name: str, dataset_name: str, batches: int, device: str, refere
     if threads:
         torch.set_num_threads(threads)
     dataset = prepared(dataset_name)
-    cfg = compose("baseline", [f"model={model_name}"])
     torch.manual_seed(0)
-    sequences = user_sequences(dataset, 128)
-    if reference:  # the implementation before the speed-ups, kept literally under tests/
-        module = __import__(f"tests.reference_{model_name.lower()}", fromlist=["_"])
-        params = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
-        model = getattr(module, model_name)(dataset.domains.n_items, list(dataset.domains.starts), sequences,
-                                            **params).to(device).train()
+    if model_name in GCEGNN_ROWS:
+        model, loss_fn, rows = _gcegnn(dataset, GCEGNN_ROWS[model_name], reference)
     else:
-        model = build_baseline(model_name, dataset, cfg.model, sequences).to(device).train()
+        cfg = compose("baseline", [f"model={model_name}"])
+        sequences = user_sequences(dataset, 128)
+        if reference:  # the implementation before the speed-ups, kept literally under tests/
+            module = __import__(f"tests.reference_{model_name.lower()}", fromlist=["_"])
+            params = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
+            model = getattr(module, model_name)(dataset.domains.n_items, list(dataset.domains.starts), sequences,
+                                                **params)
+        else:
+            model = build_baseline(model_name, dataset, cfg.model, sequences)
+        loss_fn, rows = model.loss, dataset.rows("full.train")
+    model = model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    loader = iter(SequenceLoader(dataset.rows("full.train"), 128, 128, shuffle=True, seed=0))
+    loader = iter(SequenceLoader(rows, 128, 128, shuffle=True, seed=0))
     rows, seconds, flops = 0, 0.0, 0.0
     for step in range(batches + 1):
         batch = next(loader).to(device)
         started = time.perf_counter()
-        loss = model.loss(batch)
+        loss = loss_fn(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -82,21 +93,39 @@ def _train(model_name: str, dataset_name: str, batches: int, device: str, refere
         if step:  # the first batch warms up
             seconds += time.perf_counter() - started
             rows += len(batch.users)
-    if not reference and model_name in ("CGRec", "SyNCRec"):
-        flops = matmul_flops(model, batch)
+    if not reference and model_name in SPED_UP + tuple(GCEGNN_ROWS):
+        flops = matmul_flops(model, loss_fn, batch)
     peak = peak_rss_bytes() / 1e9
     gpu = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else 0.0
     return seconds, rows, peak, gpu, flops
 
 
-def matmul_flops(model, batch) -> float:
+def _gcegnn(dataset, split: str, reference: bool):
+    """GCE-GNN at its configured size on the prefixes of `split`, its loss as Stage III computes it
+    (all items on the mixed rows, the target domain's on a domain's rows)."""
+    from omegaconf import OmegaConf
+
+    from model.gcegnn import GCEGNN
+    from pipeline.settings import compose
+    from tests.reference_gcegnn import ReferenceGCEGNN
+
+    cfg = compose("finetune", ["model_name=GCEGNN", "train_type=full", "target_dom=dom1"])
+    params = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
+    rows = dataset.rows(split)
+    model = (ReferenceGCEGNN if reference else GCEGNN)(dataset.domains.n_items, 128, **params)
+    model.build_global_graph(rows)
+    item_range = None if split.startswith("full") else dataset.domains.range(split.split(".")[0])
+    return model, lambda batch: model.loss(batch, item_range), rows.prefixes()
+
+
+def matmul_flops(model, loss_fn, batch) -> float:
     """Matrix-multiply FLOPs of one training step as this implementation runs it (forward and
     backward, counted by torch's FLOP counter on the last batch): the floor's numerator."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with counter:
-        model.loss(batch).backward()
+        loss_fn(batch).backward()
     model.zero_grad(set_to_none=True)
     return float(counter.get_total_flops())
 
@@ -116,16 +145,19 @@ def gemm_rate(threads: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--models", nargs="+", default=None, choices=MODELS + SPED_UP + tuple(GCEGNN_ROWS),
+                        help=f"default: {' '.join(MODELS)}; with --reference: {' '.join(SPED_UP)} GCEGNN-dom1")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--batches", type=int, default=5, help="timed training steps per pair")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reference", action="store_true",
-                        help="CGRec and SyNCRec: also the implementation before the speed-ups (tests/reference_*.py), "
+                        help="the implementation before the speed-ups (tests/reference_*.py) and the current one, "
                              "side by side, one thread each, with the matmul FLOP floor")
     args = parser.parse_args()
     if args.reference:
+        args.models = args.models or list(SPED_UP) + ["GCEGNN-dom1"]
         return side_by_side(args)
+    args.models = args.models or list(MODELS)
     print(f"device {args.device}, {torch.get_num_threads()} CPU threads, batch 128, {args.batches} timed steps")
     print("| model | dataset | s/batch | rows/s | epoch of full.train (extrapolated) | peak RSS GB | peak GPU GB |")
     print("|---|---|---:|---:|---:|---:|---:|")
@@ -150,14 +182,15 @@ def side_by_side(args) -> None:
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for key in args.datasets:
         name = DATASETS[key]
-        for model in [m for m in args.models if m in ("CGRec", "SyNCRec")]:
+        for model in [m for m in args.models if m in SPED_UP + tuple(GCEGNN_ROWS)]:
             results = []
             for reference in (True, False):
                 with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
                     results.append(pool.submit(_train, model, name, args.batches, args.device, reference, 1).result())
             (before, _, rss_before, _, _), (now, _, rss_now, _, flops) = results
             floor = flops / rate
-            print(f"| {model} | {name} | {before / args.batches:.2f} | {now / args.batches:.2f} | {before / now:.2f}x | "
+            label = f"GCEGNN ({GCEGNN_ROWS[model]} prefixes)" if model in GCEGNN_ROWS else model
+            print(f"| {label} | {name} | {before / args.batches:.2f} | {now / args.batches:.2f} | {before / now:.2f}x | "
                   f"{flops / 1e9:.0f} | {floor:.2f} | {now / args.batches / floor:.2f}x | "
                   f"{rss_before:.2f} / {rss_now:.2f} |", flush=True)
 

@@ -210,6 +210,38 @@ def test_batched_model_matches_the_per_session_reference(graph_rows):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("graph_rows", [40, 3])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_loss_and_gradients_equal_the_dense_implementation(graph_rows, dropout):
+    """The edge-list local branch and the distinct-pair global branch compute what the dense
+    implementation before them computed (kept literally in tests/reference_gcegnn.py): with dropout off,
+    and with it on too, since they draw the same masks in the same order."""
+    from tests.reference_gcegnn import ReferenceGCEGNN
+
+    graph = random_rows(graph_rows, N_ITEMS, seed=1)
+    params = PARAMS | dict(dropout_local=dropout, dropout_gcn=dropout, dropout_global=dropout)
+    models = []
+    for cls in (GCEGNN, ReferenceGCEGNN):
+        torch.manual_seed(3)
+        model = cls(N_ITEMS, 16, **params)
+        model.build_global_graph(graph)
+        models.append(model.train())
+    sequences = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7], [5, 5, 5, 1], [8, 8, 3, 8, 3, 9], [11, 12, 13]]
+    sequences += [random_rows(1, 8, seed=s, max_len=20).sequence(0).tolist() for s in range(6)]
+    batch = batch_of(sequences)
+    losses = []
+    for model in models:
+        torch.manual_seed(7)
+        loss = model.loss(batch, None)
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=0)
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        assert q.grad.abs().sum() > 0 or name == "pos_emb.weight", name
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert not models[0].item_emb.weight.grad[0].any()  # the padding row still never trains
+
+
 def test_scores_shape_range_and_independence_of_the_target():
     model = make_model().eval()
     batch = batch_of([[1, 2, 3, 4], [5, 6], [7, 8, 7]])
