@@ -30,7 +30,7 @@ MODELS = ("ABXI", "CGRec", "SyNCRec")
 # models with a literal copy of their implementation before the speed-ups under tests/ (`--reference`);
 # GCE-GNN is a Stage III backbone, timed on the prefix-expanded rows of a mixed (`full`) and a target
 # domain's (`dom1`) training file
-SPED_UP = ("CGRec", "SyNCRec", "GCEGNN")
+SPED_UP = ("ABXI", "CGRec", "SyNCRec", "GCEGNN")
 GCEGNN_ROWS = {"GCEGNN": "full.train", "GCEGNN-dom1": "dom1.train"}
 DATASETS = {"acdt": "ACDT", "best": "SYN_BEST"}
 
@@ -72,7 +72,8 @@ def _train(model_name: str, dataset_name: str, batches: int, device: str, refere
         if reference:  # the implementation before the speed-ups, kept literally under tests/
             module = __import__(f"tests.reference_{model_name.lower()}", fromlist=["_"])
             params = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
-            model = getattr(module, model_name)(dataset.domains.n_items, list(dataset.domains.starts), sequences,
+            inputs = () if model_name == "ABXI" else (sequences,)  # ABXI's negatives need no sequences
+            model = getattr(module, model_name)(dataset.domains.n_items, list(dataset.domains.starts), *inputs,
                                                 **params)
         else:
             model = build_baseline(model_name, dataset, cfg.model, sequences)

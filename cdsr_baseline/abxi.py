@@ -13,6 +13,12 @@ tables are truncated-normal, not zero, and frozen; negatives come from the targe
 NOTE (protocol, both fidelities): with fewer than `n_neg` candidates the official loader pads with
 item 0 inside the softmax; here all candidates are taken and nothing is padded in. The 30,000 sampled
 evaluation candidates of the official loader are not drawn: evaluation ranks every item of the domain.
+NOTE (speed): an empty slot's state is zero at every layer, so as a key it is the in-projection's
+bias; only real slots are encoded (packed, in groups of rows of similar count), and a query's empty
+keys enter its attention as one key of multiplicity n (score + log n) whose dropout keeps
+Binomial(n, 1 - p) of the n: the same distribution as n weights dropped one by one. The states
+after the encoder are computed only where a loss reads them. Dropout masks come from
+`model.decoder.keep_mask` (another random stream than nn.Dropout's; the same computation).
 Quirks with a switch (`baseline_fidelity`): `eval_domain_stream` (official: the domain-d items stay in
 their slots at evaluation, so the stream is empty whenever the last history item is of another domain;
 corrected: compacted, as upstream ABXI and as in training) and `domain_stream_dropout` (official: the
@@ -23,13 +29,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cdsr_baseline.layers import LoRA, SwiGLU, left_align
+from cdsr_baseline.layers import LENGTH_GROUPS, LoRA, SwiGLU, left_align
 from data import SequenceBatch
-from model.decoder import Block, attention_mask
+from model.decoder import Block, FastDropout, fast_dropout
 from pipeline.schema import above, at_least
 
 
@@ -93,9 +101,10 @@ class ABXI(nn.Module):
         self.item_emb = nn.Embedding(n_items + 1, D, padding_idx=0)
         self.pos_emb = nn.Embedding(self.width + 1, D, padding_idx=0)
         self.ln_input = nn.LayerNorm(D, eps=1e-12)
-        self.dropout = nn.Dropout(p.dropout)
+        self.dropout = FastDropout(p.dropout)
         # LayerNorms of the blocks keep PyTorch's default epsilon, as in the authors' code
-        self.blocks = nn.ModuleList(Block(D, p.n_head, p.ffn, p.dropout, p.dropout, 1e-5, ffn=SwiGLU(D, p.ffn))
+        self.blocks = nn.ModuleList(Block(D, p.n_head, p.ffn, p.dropout, p.dropout, 1e-5, ffn=SwiGLU(D, p.ffn),
+                                          fast_dropout=True)
                                     for _ in range(p.n_attn))
         self.adapter = SwiGLU(D, p.ffn)  # Phi_s
         self.lora_mixed = LoRA(D, p.rd)  # Lambda^x
@@ -122,24 +131,34 @@ class ABXI(nn.Module):
 
     # ------------------------------------------------------------------ encoder
 
-    def embed(self, items: torch.Tensor, dropout: bool) -> torch.Tensor:
-        mask = items != 0
-        h = self.ln_input(self.item_emb(items) + self.pos_emb(positions(mask)))
-        return (self.dropout(h) if dropout else h) * mask[..., None]
-
-    def encode(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        bar = attention_mask(mask) if self.params.key_padding_mask else None
-        for block in self.blocks:
-            h = block(h, bar) * mask[..., None]
-        return h
-
     def streams(self, mixed: torch.Tensor, per_domain: list[torch.Tensor], train: bool):
-        """(B, L) mixed input and domain inputs (any number) -> their encoded states, all in one pass."""
-        B = mixed.size(0)
+        """(B, L) mixed input and domain inputs (any number) -> their encoded states (B, L, D), zero at
+        the empty slots, all streams in one pass."""
+        B, L = mixed.shape
         inputs = torch.cat([mixed, *per_domain])  # ((K + 1) B, L)
-        domain_dropout = train and self.params.domain_stream_dropout
-        h = torch.cat([self.embed(mixed, train), self.embed(torch.cat(per_domain), domain_dropout)])
-        encoded = self.encode(h, inputs != 0)
+        real = inputs != 0
+        stream_dropout = torch.ones(len(inputs), dtype=torch.bool, device=inputs.device)
+        stream_dropout[:B] = train
+        stream_dropout[B:] = train and self.params.domain_stream_dropout
+        encoded = torch.zeros(*inputs.shape, self.params.d_embed, device=inputs.device)
+        pos = positions(real)
+        counts = real.sum(1)
+        busy = counts.nonzero().squeeze(1)  # rows without a real slot stay zero
+        for rows in busy[counts[busy].argsort()].chunk(LENGTH_GROUPS):
+            width = int(counts[rows].max())
+            # the r-th real slot of each row (r < its count), in order; later columns are padding
+            slot = torch.where(real[rows], torch.arange(L, device=inputs.device), L).sort(1).values[:, :width]
+            valid = slot < L
+            slot = slot.clamp(max=L - 1)
+            items = inputs[rows].gather(1, slot) * valid
+            h = self.ln_input(self.item_emb(items) + self.pos_emb(pos[rows].gather(1, slot) * valid))
+            h = torch.where(stream_dropout[rows, None, None], self.dropout(h), h) if train else h
+            # empty keys before the r-th real slot: its slot index minus the r real ones
+            n_empty = slot - torch.arange(width, device=inputs.device)
+            for block in self.blocks:
+                h = packed_block(block, h, valid, n_empty, self.params.key_padding_mask)
+            at = valid.nonzero(as_tuple=True)
+            encoded[rows[at[0]], slot[at]] = h[at]
         return encoded[:B], list(encoded[B:].split(B))
 
     def adapt(self, h: torch.Tensor, d: int | None) -> torch.Tensor:
@@ -162,22 +181,25 @@ class ABXI(nn.Module):
         ranges = [(self.starts[d], self.starts[d + 1]) for d in range(self.K)]
         inputs = [domain_inputs(x, y, lo, hi) for lo, hi in ranges]
         mixed, domains = self.streams(x, inputs, train=True)
-        g_mixed = self.adapt(mixed, None) * (x != 0)[..., None]
+        # the states are computed only where a loss reads them: at the slots with a target (each is
+        # in one domain; x is real wherever y is), where the fusion's gate is 1
+        target = y != 0
+        g_mixed = torch.zeros_like(mixed)
+        g_mixed[target] = self.adapt(mixed[target], None)
         total = 0.0
         for d, (lo, hi) in enumerate(ranges):
             gate = (y >= lo) & (y < hi)
-            g_domain = self.adapt(domains[d], d) * (inputs[d] != 0)[..., None]
-            fused = self.fuse(g_mixed, g_domain, d, gate[..., None])  # (B, L, D), zero where the target is elsewhere
-            total = total + self.domain_loss(fused, batch.items, y, lo, hi, gate)
+            rows, slots = gate.nonzero(as_tuple=True)
+            g_domain = self.adapt(domains[d][rows, slots], d) * (inputs[d][rows, slots] != 0)[:, None]
+            fused = self.fuse(g_mixed[rows, slots], g_domain, d, 1.0)  # (P, D)
+            total = total + self.domain_loss(fused, rows, batch.items, y[rows, slots], lo, hi)
         return total
 
-    def domain_loss(self, fused, u, y, lo, hi, gate) -> torch.Tensor:
-        """L_d: the sampled softmax of every domain-d target, averaged per user, then over the batch."""
-        rows, slots = gate.nonzero(as_tuple=True)  # (P,)
+    def domain_loss(self, states, rows, u, targets, lo, hi) -> torch.Tensor:
+        """L_d: the sampled softmax of every domain-d target (`states` (P, D) of the users `rows`),
+        averaged per user, then over the batch."""
         if len(rows) == 0:
-            return fused.sum() * 0.0
-        states = fused[rows, slots]  # (P, D)
-        targets = y[rows, slots]
+            return states.sum() * 0.0
         # the user's whole training sequence u is excluded from the candidates (the target included)
         seen = torch.zeros(u.size(0), hi - lo, dtype=torch.bool, device=u.device)
         in_domain = (u >= lo) & (u < hi)
@@ -220,6 +242,39 @@ class ABXI(nn.Module):
         g_domain = self.adapt(domain[:, -1], d)
         fused = self.fuse(g_mixed, g_domain, d, torch.ones(1, 1, device=history.device))
         return fused @ self.item_emb.weight[lo:hi].T
+
+
+def packed_block(block: Block, x: torch.Tensor, valid: torch.Tensor, n_empty: torch.Tensor,
+                 key_padding_mask: bool) -> torch.Tensor:
+    """One post-LN block over the real slots of rows, packed: x (b, r, D), `valid` (b, r) which packed
+    columns hold a slot, `n_empty` (b, r) the empty slots before each. What `block` computes at the real
+    slots of the whole causal width, where every empty slot's state is zero: as a key it is the
+    in-projection's bias (b_k, b_v). The n empty keys of a query are one key of score q.b_k / sqrt(d) +
+    log n; its attention dropout keeps Binomial(n, 1 - p) / n of its weight, the sum of n independent
+    masks (`key_padding_mask`: barred instead)."""
+    b, r, D = x.shape
+    H = block.n_heads
+    hs = D // H
+    scale = 1.0 / math.sqrt(hs)
+    q, k, v = (t.view(b, r, H, hs).transpose(1, 2) for t in block.qkv(x).split(D, dim=2))  # (b, H, r, hs)
+    allowed = torch.ones(r, r, dtype=torch.bool, device=x.device).tril()[None] & valid[:, None, :]  # (b, r, r)
+    scores = (q @ k.transpose(-2, -1) * scale).masked_fill(~allowed[:, None], float("-inf"))
+    p = block.attn_dropout if block.training else 0.0
+    if key_padding_mask:
+        weights = torch.softmax(scores, dim=-1)
+        y = fast_dropout(weights, p, p > 0) @ v
+    else:
+        bias_k, bias_v = (t.view(H, hs) for t in block.qkv.bias[D:].split(D))
+        empty = (q * bias_k[None, :, None, :]).sum(-1) * scale + n_empty.clamp(min=0).log()[:, None]  # (b, H, r)
+        weights = torch.softmax(torch.cat([scores, empty[..., None]], dim=-1), dim=-1)
+        weights, w_empty = weights[..., :r], weights[..., r]
+        if p > 0:
+            n = n_empty.clamp(min=0)[:, None].expand_as(w_empty).to(weights.dtype)
+            kept = torch.binomial(n, torch.full_like(n, 1 - p))
+            w_empty = w_empty * torch.where(n > 0, kept / n.clamp(min=1), 0.0) / (1 - p)
+        y = fast_dropout(weights, p, p > 0) @ v + w_empty[..., None] * bias_v[None, :, None, :]
+    x = block.ln_attn(x + block.dropout(block.attn_out(y.transpose(1, 2).reshape(b, r, D))))
+    return block.ln_ffn(x + block.dropout(block.feed_forward(x)))
 
 
 def sample_negatives(seen: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
-"""The faster CGRec and SyNCRec compute what they computed before, and their dropout is nn.Dropout's.
+"""The faster ABXI, CGRec and SyNCRec compute what they computed before, and their dropout is nn.Dropout's.
 
-The implementations before the speed-ups are kept literally in tests/reference_cgrec.py and
-tests/reference_syncrec.py. With dropout off and the draws that are not dropout fixed (negatives,
+The implementations before the speed-ups are kept literally in tests/reference_abxi.py,
+tests/reference_cgrec.py and tests/reference_syncrec.py. With dropout off and the draws that are not dropout fixed (negatives,
 gate noise, SyNCRec's permutation drawn alike), the loss, every gradient, the running state and the
 evaluation scores equal the reference's on a hand-made batch of rows of many lengths. The dropout
 (model.decoder.keep_mask) keeps each element with probability 1 - p and scales it by 1 / (1 - p),
@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from data import SequenceBatch
 from model.decoder import Block, attend, attention_mask, fast_dropout, keep_mask
-from tests import reference_cgrec, reference_syncrec
+from cdsr_baseline.abxi import ABXI, packed_block
+from tests import reference_abxi, reference_cgrec, reference_syncrec
 from tests.test_data_parallel import STARTS, fixed_negatives
 
 NO_DROPOUT = {"num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 16, "hidden_dropout_prob": 0.0,
@@ -151,3 +152,78 @@ def test_a_block_with_the_fast_dropout_trains_like_one_without():
     first = noisy(x)
     torch.manual_seed(1)
     assert torch.equal(noisy(x), first) and not torch.equal(noisy(x), first)
+
+
+# --------------------------------------------------------------------------- ABXI
+
+
+@pytest.mark.parametrize("fidelity", [
+    {},
+    {"eval_domain_stream": "compacted", "domain_stream_dropout": True, "key_padding_mask": True},
+])
+def test_abxi_packed_computes_the_references_loss_gradients_and_scores(fidelity):
+    """Real slots only, packed in groups, empty keys as one key of multiplicity n, the states after the
+    encoder only where a loss reads them: with dropout off, the reference's loss, every gradient and
+    the scores (negatives: every candidate of each 5-item domain is taken, nothing is drawn)."""
+    _, batch = batch_of_many_lengths()
+    made = []
+    for source in (reference_abxi.ABXI, ABXI):
+        torch.manual_seed(0)
+        made.append(source(15, STARTS, n_attn=2, d_embed=8, ffn=8, rd=2, ri=2, n_neg=10, len_max=12, dropout=0.0,
+                           **fidelity))
+    made[1].load_state_dict(made[0].state_dict())
+    results = []
+    for model in made:
+        loss = model.train().loss(batch)
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        model.eval()
+        with torch.no_grad():
+            scores = [model.scores(batch, (lo, hi)) for lo, hi in zip(STARTS, STARTS[1:])]
+        results.append((loss.detach(), grads, scores))
+    (loss_a, grads_a, scores_a), (loss_b, grads_b, scores_b) = results
+    assert loss_b.item() == pytest.approx(loss_a.item(), rel=1e-5)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 20
+    for key in grads_a:
+        torch.testing.assert_close(grads_b[key], grads_a[key], rtol=1e-5, atol=1e-7, msg=key)
+    for a, b in zip(scores_a, scores_b):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_abxi_empty_keys_take_dropout_as_n_independent_masks():
+    """A causal block over zero (empty) and real slots, attention dropout 0.5, against the packed block
+    with the empty keys merged: over 4000 draws each, the mean and the variance of every output agree
+    within bounds that a wrong multiplicity or a single mask for the merged key would fail (that
+    would double the variance the empty keys add)."""
+    torch.manual_seed(0)
+    block = Block(8, 2, 8, 0.0, 0.5, 1e-5, fast_dropout=True).train()
+    with torch.no_grad():
+        block.qkv.bias.normal_(0, 1.0)  # large biases: the empty keys carry weight
+    real = torch.tensor([False, True, False, False, False, True, False, True])
+    x = torch.randn(1, 8, 8) * real[None, :, None]
+    slots = real.nonzero().squeeze(1)
+    n_empty = (slots - torch.arange(len(slots)))[None]
+    valid = torch.ones(1, len(slots), dtype=torch.bool)
+    draws = 4000
+    with torch.no_grad():
+        dense = torch.stack([block(x)[0, slots] for _ in range(draws)])
+        packed = torch.stack([packed_block(block, x[:, slots], valid, n_empty, False)[0] for _ in range(draws)])
+        block.eval()
+        exact = block(x)[0, slots]
+        torch.testing.assert_close(packed_block(block, x[:, slots], valid, n_empty, False)[0], exact,
+                                   rtol=1e-5, atol=1e-6)
+    spread = dense.std(0)
+    assert (spread[1:] > 1e-3).all()  # the draws do vary (not the first slot: it sees no real key but itself)
+    assert ((packed.mean(0) - dense.mean(0)).abs() < 5 * spread * math.sqrt(2 / draws) + 1e-6).all()
+    ratio = packed.var(0)[1:] / dense.var(0)[1:]
+    assert ((ratio > 0.85) & (ratio < 1.15)).all(), ratio
+
+
+def test_abxi_is_reproducible_with_dropout_on():
+    _, batch = batch_of_many_lengths()
+    torch.manual_seed(0)
+    model = ABXI(15, STARTS, n_attn=2, d_embed=8, ffn=8, rd=2, ri=2, n_neg=10, len_max=12, dropout=0.3).train()
+    torch.manual_seed(4)
+    first = model.loss(batch)
+    torch.manual_seed(4)
+    assert torch.equal(model.loss(batch), first) and not torch.equal(model.loss(batch), first)
