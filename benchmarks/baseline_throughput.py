@@ -28,10 +28,11 @@ from pipeline.resources import peak_rss_bytes  # noqa: E402
 
 MODELS = ("ABXI", "CGRec", "SyNCRec")
 # models with a literal copy of their implementation before the speed-ups under tests/ (`--reference`);
-# GCE-GNN is a Stage III backbone, timed on the prefix-expanded rows of a mixed (`full`) and a target
-# domain's (`dom1`) training file
-SPED_UP = ("ABXI", "CGRec", "SyNCRec", "GCEGNN")
-GCEGNN_ROWS = {"GCEGNN": "full.train", "GCEGNN-dom1": "dom1.train"}
+# the Stage III backbones are timed as fine-tuning trains them, on the rows of a mixed (`full`) or a
+# target domain's (`dom1`) training file (GCE-GNN: prefix-expanded)
+SPED_UP = ("ABXI", "CGRec", "SyNCRec", "GCEGNN", "CL4SRec")
+BACKBONES = {"GCEGNN": ("GCEGNN", "full.train"), "GCEGNN-dom1": ("GCEGNN", "dom1.train"),
+             "CL4SRec": ("CL4SRec", "full.train")}
 DATASETS = {"acdt": "ACDT", "best": "SYN_BEST"}
 
 
@@ -64,8 +65,8 @@ def _train(model_name: str, dataset_name: str, batches: int, device: str, refere
         torch.set_num_threads(threads)
     dataset = prepared(dataset_name)
     torch.manual_seed(0)
-    if model_name in GCEGNN_ROWS:
-        model, loss_fn, rows = _gcegnn(dataset, GCEGNN_ROWS[model_name], reference)
+    if model_name in BACKBONES:
+        model, loss_fn, rows = _backbone(dataset, *BACKBONES[model_name], reference)
     else:
         cfg = compose("baseline", [f"model={model_name}"])
         sequences = user_sequences(dataset, 128)
@@ -94,29 +95,35 @@ def _train(model_name: str, dataset_name: str, batches: int, device: str, refere
         if step:  # the first batch warms up
             seconds += time.perf_counter() - started
             rows += len(batch.users)
-    if not reference and model_name in SPED_UP + tuple(GCEGNN_ROWS):
+    if not reference and model_name in SPED_UP + tuple(BACKBONES):
         flops = matmul_flops(model, loss_fn, batch)
     peak = peak_rss_bytes() / 1e9
     gpu = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else 0.0
     return seconds, rows, peak, gpu, flops
 
 
-def _gcegnn(dataset, split: str, reference: bool):
-    """GCE-GNN at its configured size on the prefixes of `split`, its loss as Stage III computes it
-    (all items on the mixed rows, the target domain's on a domain's rows)."""
+def _backbone(dataset, name: str, split: str, reference: bool):
+    """A Stage III backbone at its configured size on the rows of `split` (prefix-expanded where the
+    model reads one position a row), its loss as Stage III computes it (all items on the mixed rows,
+    the target domain's on a domain's rows)."""
     from omegaconf import OmegaConf
 
-    from model.gcegnn import GCEGNN
+    from model.backbones import build_backbone
     from pipeline.settings import compose
-    from tests.reference_gcegnn import ReferenceGCEGNN
 
-    cfg = compose("finetune", ["model_name=GCEGNN", "train_type=full", "target_dom=dom1"])
-    params = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
+    cfg = compose("finetune", [f"model_name={name}", "train_type=full", "target_dom=dom1"])
+    params = OmegaConf.to_container(cfg.model, resolve=True)
     rows = dataset.rows(split)
-    model = (ReferenceGCEGNN if reference else GCEGNN)(dataset.domains.n_items, 128, **params)
-    model.build_global_graph(rows)
+    n_items = dataset.domains.n_items
+    if reference:  # the implementation before the speed-ups, kept literally under tests/
+        module = __import__(f"tests.reference_{name.lower()}", fromlist=["_"])
+        model = getattr(module, f"Reference{name}")(n_items, 128, **{k: v for k, v in params.items() if k != "name"})
+    else:
+        model = build_backbone(name, n_items, 128, params)
+    if hasattr(model, "build_global_graph"):
+        model.build_global_graph(rows)
     item_range = None if split.startswith("full") else dataset.domains.range(split.split(".")[0])
-    return model, lambda batch: model.loss(batch, item_range), rows.prefixes()
+    return model, lambda batch: model.loss(batch, item_range), rows.prefixes() if model.last_position_only else rows
 
 
 def matmul_flops(model, loss_fn, batch) -> float:
@@ -146,7 +153,7 @@ def gemm_rate(threads: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=None, choices=MODELS + SPED_UP + tuple(GCEGNN_ROWS),
+    parser.add_argument("--models", nargs="+", default=None, choices=MODELS + SPED_UP + tuple(BACKBONES),
                         help=f"default: {' '.join(MODELS)}; with --reference: {' '.join(SPED_UP)} GCEGNN-dom1")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--batches", type=int, default=5, help="timed training steps per pair")
@@ -183,14 +190,14 @@ def side_by_side(args) -> None:
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for key in args.datasets:
         name = DATASETS[key]
-        for model in [m for m in args.models if m in SPED_UP + tuple(GCEGNN_ROWS)]:
+        for model in [m for m in args.models if m in SPED_UP + tuple(BACKBONES)]:
             results = []
             for reference in (True, False):
                 with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
                     results.append(pool.submit(_train, model, name, args.batches, args.device, reference, 1).result())
             (before, _, rss_before, _, _), (now, _, rss_now, _, flops) = results
             floor = flops / rate
-            label = f"GCEGNN ({GCEGNN_ROWS[model]} prefixes)" if model in GCEGNN_ROWS else model
+            label = f"{BACKBONES[model][0]} ({BACKBONES[model][1]})" if model in BACKBONES else model
             print(f"| {label} | {name} | {before / args.batches:.2f} | {now / args.batches:.2f} | {before / now:.2f}x | "
                   f"{flops / 1e9:.0f} | {floor:.2f} | {now / args.batches / floor:.2f}x | "
                   f"{rss_before:.2f} / {rss_now:.2f} |", flush=True)

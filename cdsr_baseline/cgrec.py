@@ -134,22 +134,26 @@ class CGRec(nn.Module):
         return torch.where(items > 0, RESERVED, 0)
 
     def heads(self, x: torch.Tensor, slots: torch.Tensor, coarse: torch.Tensor, fine: torch.Tensor,
-              real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              real: torch.Tensor, read: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(z^0, z^1, z^2) of left-padded inputs (B, W); `real` the attention's key mask.
 
         The rows are encoded in groups of similar length (`in_length_groups`), each cut to its last w
         slots, w its longest row (about a third of a batch of ACDT is padding): positions stay slots
         L - w .. L - 1 and the padded keys cut away were barred anyway, so every real position's
         states are those of the whole padded batch. The padded positions' states are 0 (the
-        official code's are never read either: the losses weigh them 0)."""
+        official code's are never read either: the losses weigh them 0). `read` (B, W) bool: the
+        positions a loss reads (a coalition's kept ones); the last block's feed-forward and the
+        heads run there only, the other states are 0 (every dropout draws its whole mask, so the
+        random stream and the values read are those of computing everything)."""
         W = x.size(1)
 
         def encode(rows, w):
-            return self._heads(*(t[rows, W - w:] for t in (x, slots, coarse, fine, real)))
+            cut = (t[rows, W - w:] for t in (x, slots, coarse, fine, real))
+            return self._heads(*cut, None if read is None else read[rows, W - w:])
 
         return in_length_groups(encode, real.sum(1), W)
 
-    def _heads(self, x, slots, coarse, fine, real):
+    def _heads(self, x, slots, coarse, fine, real, read):
         L, W = self.params.max_seq_length, x.size(1)
         positions = torch.arange(L - W, L, device=x.device)  # left-aligned rows end at slot L - 1
         e = self.item_emb(x) + self.pos_emb(positions)
@@ -157,10 +161,18 @@ class CGRec(nn.Module):
             e = e + self.slot_emb(slots) + self.fine_emb(fine) + self.coarse_emb(coarse)
         h = self.dropout(self.ln_input(e))
         mask = attention_mask(real)
-        for block in self.blocks:
+        if read is None:
+            for block in self.blocks:
+                h = block(h, mask)
+            z1 = self.head_coarse(h)
+            return h, z1, self.head_item(h + z1)
+        for block in self.blocks[:-1]:
             h = block(h, mask)
-        z1 = self.head_coarse(h)
-        return h, z1, self.head_item(h + z1)
+        at = read.nonzero(as_tuple=True)
+        h_at = self.blocks[-1].forward_where(h, mask, at)  # (P, D)
+        z1 = self.head_coarse.forward_where(h_at, at, h.shape)
+        z2 = self.head_item.forward_where(h_at + z1, at, h.shape)
+        return tuple(h.new_zeros(h.shape).index_put(at, z) for z in (h_at, z1, z2))
 
     def level_losses(self, z, targets, negatives, weight) -> torch.Tensor:
         """The three-level binary loss (one level without the hierarchy) with per-position weights."""
@@ -219,7 +231,7 @@ class CGRec(nn.Module):
         for coalition in coalitions(self.n_slots):
             keep = torch.isin(slots, torch.tensor(coalition, device=x.device))
             # dropped positions lose their item and categories; slots and the attention mask stay
-            z = self.heads(x * keep, slots, coarse * keep, fine * keep, x != 0)
+            z = self.heads(x * keep, slots, coarse * keep, fine * keep, x != 0, read=keep)
             kept_targets = tuple(t * keep for t in targets)
             parts.append(self.level_losses(z, kept_targets, negatives, keep.float()))
         # the global batch's coalition losses (each rank's parts added up under torchrun)

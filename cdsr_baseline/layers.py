@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.decoder import Block, FastDropout
+from model.decoder import Block, FastDropout, dropout_at
 from pipeline.distributed import summed_over_ranks
 from pipeline.schema import at_least
 
@@ -61,6 +61,12 @@ class Intermediate(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.norm(z + self.dropout(self.outer(F.gelu(self.inner(z)))))
+
+    def forward_where(self, z_at: torch.Tensor, at: tuple[torch.Tensor, ...], shape: torch.Size) -> torch.Tensor:
+        """`forward(z)[at]` from z_at = z[at] of a `shape` tensor z, the dropout mask drawn for the whole
+        of it (the same random stream)."""
+        out = dropout_at(self.outer(F.gelu(self.inner(z_at))), at, shape, self.dropout.p, self.training, True)
+        return self.norm(z_at + out)
 
 
 @dataclass(kw_only=True)

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from data import SequenceBatch
-from model.decoder import DecoderConfig, SASRecParams, TaesarDecoder, gather_states
-from model.objectives import next_item_objective, target_scores
+from model.decoder import DecoderConfig, SASRecParams, TaesarDecoder
+from model.objectives import LENGTH_GROUPS, next_item_objective, target_scores
 from pipeline.distributed import count_over_ranks
 from pipeline.schema import above, at_least
 
@@ -188,9 +188,14 @@ class CL4SRec(nn.Module):
 
     def contrastive_loss(self, batch: SequenceBatch, generator: torch.Generator | None = None) -> torch.Tensor:
         views, lengths = self.views(batch, generator)
-        B, W = views.size(1), int(lengths.max())  # crops are shorter than their rows
-        hidden = self.encoder.encode(views[..., :W].reshape(2 * B, W))  # (2B, W, H), both views in one pass
-        z = gather_states(hidden, lengths.reshape(2 * B) - 1)  # (2B, H), each view's last real state
+        B = views.size(1)
+        views, lengths = views.reshape(2 * B, -1), lengths.reshape(2 * B)  # both views in one pass
+        # each view's last real state: the views are encoded in groups of similar length, each cut to
+        # its longest (crops are shorter than their rows; right padding is never read by a causal
+        # state), and the last block runs at the read position only
+        order = lengths.argsort()
+        z = torch.cat([self.encoder.states_at(views[rows, : int(lengths[rows].max())], lengths[rows] - 1)
+                       for rows in order.chunk(LENGTH_GROUPS)])[order.argsort()]  # (2B, H), in row order
         return nt_xent(z[:B], z[B:], self.config.temperature)
 
     def loss(self, batch: SequenceBatch, item_range: tuple[int, int] | None) -> torch.Tensor:

@@ -97,6 +97,22 @@ def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tens
     return x * keep_mask(x.shape, p, x.device).to(x.dtype).mul_(1.0 / (1.0 - p))
 
 
+def dropout_at(x_at: torch.Tensor, at: tuple[torch.Tensor, ...], shape: torch.Size, p: float, training: bool,
+               fast: bool) -> torch.Tensor:
+    """Dropout of a whole `shape` tensor read at the index `at` (x_at = x[at]): the mask is drawn for
+    the whole tensor, as `fast_dropout` (fast) or nn.Dropout would draw it, so the random stream and
+    the kept elements are those of dropping out x and then indexing."""
+    if not training or p == 0:
+        return x_at
+    if p >= 1:
+        return x_at * 0.0
+    if fast:
+        keep = keep_mask(shape, p, x_at.device).to(x_at.dtype)
+    else:
+        keep = torch.empty(shape, dtype=x_at.dtype, device=x_at.device).bernoulli_(1 - p)
+    return x_at * keep[at].mul_(1.0 / (1.0 - p))
+
+
 class FastDropout(nn.Dropout):
     """nn.Dropout with the mask of `keep_mask` (see `fast_dropout`)."""
 
@@ -183,6 +199,36 @@ class Block(nn.Module):
         x = self.ln_attn(x + self.dropout(self.attention(x, mask)))
         return self.ln_ffn(x + self.dropout(self.feed_forward(x)))
 
+    def forward_where(self, x: torch.Tensor, mask: torch.Tensor | None, at: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """`forward(x, mask)[at]` ((P, H) for an index `at` of (b, w) positions): the attention runs
+        over the whole block, the feed-forward only at `at`; every dropout draws the mask of the whole
+        block, so the random stream and the values are those of `forward` read at `at`."""
+        shape = x.shape
+        y = self.attention(x, mask)
+        x = self.ln_attn(x[at] + dropout_at(y[at], at, shape, self.dropout.p, self.training, self.fast_dropout))
+        return self.ln_ffn(x + dropout_at(self.feed_forward(x), at, shape, self.dropout.p, self.training,
+                                          self.fast_dropout))
+
+    def forward_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(B, L, H) inputs, (B,) positions -> (B, H): the causal block's output at one position of each
+        row, `forward(x)[b, positions[b]]`, without the other positions' queries and feed-forward.
+        (Dropout draws only for what is computed: the same distribution, another stream.)"""
+        B, L, H = x.shape
+        nh, hs = self.n_heads, H // self.n_heads
+        here = gather_states(x, positions)  # (B, H)
+        q = F.linear(here, self.qkv.weight[:H], self.qkv.bias[:H]).view(B, nh, 1, hs)
+        k, v = (t.view(B, L, nh, hs).transpose(1, 2)
+                for t in F.linear(x, self.qkv.weight[H:], self.qkv.bias[H:]).split(H, dim=2))
+        allowed = (torch.arange(L, device=x.device) <= positions[:, None])[:, None, None, :]  # (B, 1, 1, L)
+        dropout_p = self.attn_dropout if self.training else 0.0
+        if self.fast_dropout and dropout_p > 0:
+            bar = torch.zeros(allowed.shape, device=x.device).masked_fill(~allowed, float("-inf"))
+            y = attend(q, k, v, bar, lambda weights: fast_dropout(weights, dropout_p))
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
+        here = self.ln_attn(here + self.dropout(self.attn_out(y.reshape(B, H))))
+        return self.ln_ffn(here + self.dropout(self.feed_forward(here)))
+
 
 def attention_mask(keep: torch.Tensor) -> torch.Tensor:
     """(B, L) bool of the real positions -> (B, 1, L, L) additive mask: causal, padded keys barred
@@ -248,17 +294,24 @@ class TaesarDecoder(nn.Module):
         """Half-open id range of every real item, i.e. all rows of the embedding but padding."""
         return 1, self.config.n_items + 1
 
-    def encode(self, items: torch.Tensor) -> torch.Tensor:
-        """(B, L) right-padded item ids -> (B, L, H) states; the state at t has seen items[:, :t+1]."""
+    def encode(self, items: torch.Tensor, last_block: bool = True) -> torch.Tensor:
+        """(B, L) right-padded item ids -> (B, L, H) states; the state at t has seen items[:, :t+1].
+        `last_block=False`: the last block's inputs instead (for `states_at`)."""
         L = items.size(1)
         if L > self.config.max_len:
             raise ValueError(f"sequence length {L} exceeds max_len {self.config.max_len}")
         positions = torch.arange(L, device=items.device)
         x = self.item_emb(items) + self.pos_emb(positions)  # (B, L, H) + (L, H)
         x = self.dropout(self.ln_emb(x))
-        for block in self.blocks:
+        for block in self.blocks if last_block else self.blocks[:-1]:
             x = block(x)
         return x
+
+    def states_at(self, items: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(B, L) right-padded item ids, (B,) positions -> (B, H): `encode(items)[b, positions[b]]`, the
+        last block computed at those positions only."""
+        x = self.encode(items, last_block=False)
+        return self.blocks[-1].forward_at(x, positions)
 
     def logits(self, hidden: torch.Tensor, item_range: tuple[int, int] | None = None) -> torch.Tensor:
         """(..., H) states -> (..., hi - lo) scores h E[lo:hi]^T; column j is item lo + j.

@@ -227,3 +227,37 @@ def test_abxi_is_reproducible_with_dropout_on():
     first = model.loss(batch)
     torch.manual_seed(4)
     assert torch.equal(model.loss(batch), first) and not torch.equal(model.loss(batch), first)
+
+
+# --------------------------------------------------------------------------- CGRec's coalition passes
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_cgrec_heads_at_the_read_positions_are_the_whole_computation_read_there(dropout):
+    """A coalition pass computes the last block's feed-forward and the heads only where its loss reads
+    (the kept positions); every dropout draws its whole mask, so with dropout on too and the same seed,
+    the states there are those of the whole computation, and 0 elsewhere."""
+    from cdsr_baseline.cgrec import CGRec
+    from cdsr_baseline.data import domain_of
+
+    sequences, batch = batch_of_many_lengths()
+    params = NO_DROPOUT | {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
+    torch.manual_seed(0)
+    model = CGRec(15, STARTS, sequences, **params).train()
+    x = batch.items[:, :12].contiguous()
+    slots = domain_of(x, model.starts)
+    keep = torch.isin(slots, torch.tensor([1, 3]))
+    inputs = (x * keep, slots, model.coarse(x) * keep, model.fine(x) * keep, x != 0)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        whole = model.heads(*inputs)
+        torch.manual_seed(5)
+        read = model.heads(*inputs, read=keep)
+        after = torch.rand(3)
+        torch.manual_seed(5)
+        model.heads(*inputs)
+        assert torch.equal(torch.rand(3), after)  # the same draws consumed
+    assert keep.any() and (~keep & (x != 0)).any()
+    for a, b in zip(whole, read):
+        torch.testing.assert_close(b[keep], a[keep], rtol=1e-5, atol=1e-6)
+        assert not b[~keep].any()

@@ -188,6 +188,50 @@ def test_loss_is_main_plus_weighted_contrastive(item_range):
     assert cl > 0
 
 
+def test_the_grouped_contrastive_loss_equals_the_one_before():
+    """Views in length groups with the last block at the read positions only (model/cl4srec.py): with
+    dropout off, the loss and every gradient of the implementation before (tests/reference_cl4srec.py),
+    the augmentations drawn alike; with dropout on, the same seed gives the same bytes."""
+    from tests.reference_cl4srec import ReferenceCL4SRec
+
+    batch = make_batch([16, 12, 9, 14, 2, 5, 7, 3, 11, 16], seed=4)
+    quiet = PARAMS | {"hidden_dropout_prob": 0.0, "attn_dropout_prob": 0.0}
+    results = []
+    for cls in (CL4SRec, ReferenceCL4SRec):
+        torch.manual_seed(0)
+        model = cls(N_ITEMS, MAX_LEN, **quiet).train()
+        torch.manual_seed(1)
+        loss = model.loss(batch, None)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss, grads), (want, want_grads) = results
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=0)
+    for name, grad in want_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    model = make_model().train()
+    torch.manual_seed(2)
+    first = model.loss(batch, None)
+    torch.manual_seed(2)
+    assert torch.equal(model.loss(batch, None), first) and not torch.equal(model.loss(batch, None), first)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_block_at_one_position_is_the_block_there(fast):
+    from model.decoder import Block
+
+    torch.manual_seed(0)
+    block = Block(16, 2, 24, 0.3, 0.3, 1e-12, fast_dropout=fast).eval()
+    x = torch.randn(5, 9, 16)
+    positions = torch.tensor([0, 8, 3, 5, 8])
+    torch.testing.assert_close(block.forward_at(x, positions), block(x)[torch.arange(5), positions],
+                               rtol=1e-5, atol=1e-6)
+    block.train()
+    torch.manual_seed(1)
+    noisy = block.forward_at(x, positions)
+    assert not torch.allclose(noisy, block.eval().forward_at(x, positions))  # dropout is on in training
+
+
 def test_scores_as_sasrec_without_the_mask_token():
     model = make_model()
     batch = make_batch([7, 2, 12, 4])
