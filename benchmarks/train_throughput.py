@@ -13,6 +13,11 @@ What one step trains differs, and both are reported:
   position of a row at once (sequence to sequence); RecBole's SASRec trains
   the last position only, which is why RecBole expands each row into its
   prefixes to get the same supervision.
+
+Beside each model: the matrix-multiply FLOPs of one epoch as it runs it (forward and backward,
+counted by torch's FLOP counter) and the floor they set at the rate of a float32 GEMM on this
+machine. Where the two models do different amounts of work per row, the floors bound the rows/s
+ratio that the same efficiency can give.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import torch
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from data import PreparedDataset, SequenceLoader, project_path  # noqa: E402
 from dataset.prepare import prepare_dataset  # noqa: E402
@@ -82,6 +88,23 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - started, n_rows, n_targets
 
+    def epoch_flops(name: str) -> float:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        model, loss_fn, _ = models[name]
+        loader.set_epoch(0)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            for batch in loader:
+                loss_fn(batch.to(device)).backward()
+        model.zero_grad(set_to_none=True)
+        return float(counter.get_total_flops())
+
+    flops = {name: epoch_flops(name) for name in models}
+    threads = torch.get_num_threads()
+    from baseline_throughput import gemm_rate  # noqa: E402  (the same GEMM the baselines' floor uses)
+
+    rate = gemm_rate(threads) if device.type == "cpu" else float("nan")
     for name in models:
         epoch(name, 0)  # warm-up: allocator, kernels, lazy init
     timings = {name: [] for name in models}
@@ -91,15 +114,20 @@ def main() -> None:
 
     print(f"ACDT full.train: {len(rows)} rows, {n_items} items, batch {args.batch_size}, device {device}, "
           f"torch threads {torch.get_num_threads()}, {args.epochs} timed epochs each (median)")
-    print(f"{'model':<16} {'s/epoch':>8} {'rows/s':>9} {'targets/s':>11}")
+    print(f"float32 GEMM rate {rate / 1e9:.0f} GFLOP/s with {threads} threads")
+    print(f"{'model':<16} {'s/epoch':>8} {'rows/s':>9} {'targets/s':>11} {'GFLOP/epoch':>12} {'floor s':>8} "
+          f"{'/floor':>7}")
     rates = {}
     for name, runs in timings.items():
         seconds = statistics.median(t for t, _, _ in runs)
         _, n_rows, n_targets = runs[0]
         rates[name] = (n_rows / seconds, n_targets / seconds)
-        print(f"{name:<16} {seconds:8.2f} {rates[name][0]:9.1f} {rates[name][1]:11.0f}")
+        floor = flops[name] / rate
+        print(f"{name:<16} {seconds:8.2f} {rates[name][0]:9.1f} {rates[name][1]:11.0f} {flops[name] / 1e9:12.1f} "
+              f"{floor:8.2f} {seconds / floor:6.2f}x")
     ours, theirs = rates["Taesar decoder"], rates["RecBole SASRec"]
-    print(f"decoder / RecBole: {ours[0] / theirs[0]:.2f}x rows/s, {ours[1] / theirs[1]:.1f}x targets/s")
+    print(f"decoder / RecBole: {ours[0] / theirs[0]:.2f}x rows/s, {ours[1] / theirs[1]:.1f}x targets/s; "
+          f"at equal distance to the floor: {flops['RecBole SASRec'] / flops['Taesar decoder']:.2f}x rows/s")
 
 
 if __name__ == "__main__":
