@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import pickle
 import re
 import time
@@ -36,6 +37,44 @@ from pipeline.distributed import (
 from pipeline.schema import ConfigError, above, at_least, check_ranges
 
 log = logging.getLogger(__name__)
+
+# A training pauses at the first epoch end past this many minutes of its process (an environment
+# variable, not a setting: it changes when a run stops, never what it computes); the same command
+# continues it from its resume file. For sessions with a clock (`TAESAR_TIME_LIMIT=55`).
+TIME_LIMIT_VARIABLE = "TAESAR_TIME_LIMIT"
+PAUSED_EXIT_CODE = 75  # EX_TEMPFAIL: nothing is wrong, run the command again
+_PROCESS_STARTED = time.monotonic()
+
+
+class TrainingPaused(RuntimeError):
+    """A training stopped at an epoch end because the process's time limit passed; its resume file
+    holds everything to continue it exactly."""
+
+
+def time_limit_minutes() -> float | None:
+    """The process's time limit in minutes (`TAESAR_TIME_LIMIT`), None without one."""
+    value = os.environ.get(TIME_LIMIT_VARIABLE, "").strip()
+    if not value:
+        return None
+    try:
+        minutes = float(value)
+    except ValueError:
+        raise ConfigError(f"environment variable {TIME_LIMIT_VARIABLE}={value!r}: expected minutes (a number >= 0)") \
+            from None
+    if not minutes >= 0:
+        raise ConfigError(f"environment variable {TIME_LIMIT_VARIABLE}={value!r}: expected minutes (a number >= 0)")
+    return minutes
+
+
+def _past_time_limit(world) -> bool:
+    """Whether the time limit has passed; under torchrun, whether it has on any rank (all pause alike)."""
+    limit = time_limit_minutes()
+    past = limit is not None and time.monotonic() - _PROCESS_STARTED >= 60 * limit
+    if world:
+        flag = torch.tensor(float(past))
+        all_reduce_sum(flag)
+        past = bool(flag > 0)
+    return past
 
 LossFn = Callable[[nn.Module, SequenceBatch], torch.Tensor]
 ScoreFn = Callable[[nn.Module, SequenceBatch], torch.Tensor]
@@ -295,6 +334,10 @@ def _fit(model, loss_fn, train, config, *, checkpoint, meta, valid, select_on, r
             log.info("%sstopping early: no %s improvement in %d evaluations", prefix, config.valid_key,
                      config.stopping_step)
             break
+        if epoch + 1 < config.epochs and _past_time_limit(world):
+            raise TrainingPaused(f"{prefix}paused after epoch {epoch} of at most {config.epochs}: the time limit "
+                                 f"{TIME_LIMIT_VARIABLE}={time_limit_minutes():g} minutes has passed; run the same "
+                                 f"command again to continue from {resume_path}")
 
     payload, kept_metrics, kept_epoch = selection.kept(state, model, config.keep)
     if world is None or world.is_main:

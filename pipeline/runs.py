@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +29,13 @@ def user_errors(*more: type[Exception]):
     from data.fingerprints import StaleArtifactError
     from pipeline.records import RecordError
     from pipeline.schema import ConfigError
-    from trainer import CheckpointError
+    from trainer import PAUSED_EXIT_CODE, CheckpointError, TrainingPaused
 
     try:
         yield
+    except TrainingPaused as pause:  # not an error: the same command continues it
+        print(f"paused: {pause}", file=sys.stderr)
+        raise SystemExit(PAUSED_EXIT_CODE) from None
     except (ConfigError, DataError, StaleArtifactError, CheckpointError, BusyError, RecordError, FileNotFoundError,
             *more) as error:
         raise SystemExit(f"error: {error}") from None

@@ -229,3 +229,27 @@ def test_the_command_to_run_first_survives_a_path_with_a_space(tmp_path):
     assert done.returncode != 0 and "Traceback" not in done.stderr
     command = shlex.split(re.search(r"run `([^`]*)` first", done.stderr).group(1))
     assert command[:2] == ["python", "decoding.py"] and f"data_path={root}/data" in command
+
+
+def test_a_time_limit_pauses_the_command_and_the_same_command_continues_it(tmp_path):
+    """`TAESAR_TIME_LIMIT=0 python finetune.py ...` trains one epoch, says `paused:` and exits with
+    code 75; the same command without the limit continues from the resume file and finishes."""
+    import os
+    import subprocess
+    import sys
+
+    from data.paths import PROJECT_ROOT
+
+    overrides = ["train_type=sim", "target_dom=dom1", "epochs=3", "stopping_step=0", *tiny_overrides(tmp_path),
+                 *TINY_MODEL, f"hydra.run.dir={tmp_path}/hydra"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    paused = subprocess.run([sys.executable, "finetune.py", *overrides], cwd=PROJECT_ROOT, capture_output=True,
+                            text=True, timeout=300, env={**env, "TAESAR_TIME_LIMIT": "0"})
+    assert paused.returncode == 75 and "paused: " in paused.stderr and "Traceback" not in paused.stderr
+    assert "paused after epoch 0 of at most 3" in paused.stderr
+    assert list((tmp_path / "checkpoint").rglob("*.resume"))
+    done = subprocess.run([sys.executable, "finetune.py", *overrides], cwd=PROJECT_ROOT, capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming from" in done.stderr + done.stdout
+    assert not list((tmp_path / "checkpoint").rglob("*.resume"))

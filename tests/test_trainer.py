@@ -128,6 +128,40 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, caplog):
     assert a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
 
 
+def test_a_time_limit_pauses_at_an_epoch_end_and_the_same_call_continues_exactly(tmp_path, monkeypatch, capsys):
+    """TAESAR_TIME_LIMIT=0: every call trains one epoch and pauses with its resume file (the command's
+    exit says `paused:` with code 75); calls again until done end with the uninterrupted run's weights."""
+    from pipeline.runs import user_errors
+    from pipeline.schema import ConfigError
+    from trainer import PAUSED_EXIT_CODE, TrainingPaused, time_limit_minutes
+
+    config = TrainConfig(epochs=3, learning_rate=1e-2, stopping_step=0, topk=(5, 10), keep="last")
+    model, train, valid = toy_setup()
+    fit(model, next_item_objective(), train, config, checkpoint=tmp_path / "a.ckpt", meta={}, valid=valid,
+        progress=False)
+    monkeypatch.setenv("TAESAR_TIME_LIMIT", "0")
+    for epochs_done in (1, 2):
+        model_b, train_b, valid_b = toy_setup()
+        with pytest.raises(TrainingPaused, match=f"paused after epoch {epochs_done - 1} of at most 3"):
+            fit(model_b, next_item_objective(), train_b, config, checkpoint=tmp_path / "b.ckpt", meta={},
+                valid=valid_b, progress=False)
+        assert load_checkpoint(resume_file(tmp_path / "b.ckpt"))["trainer"]["epoch"] == epochs_done
+        assert not (tmp_path / "b.ckpt").exists()
+    model_b, train_b, valid_b = toy_setup()
+    result = fit(model_b, next_item_objective(), train_b, config, checkpoint=tmp_path / "b.ckpt", meta={},
+                 valid=valid_b, progress=False)  # the last epoch never pauses
+    assert result.epochs_run == 3 and not resume_file(tmp_path / "b.ckpt").exists()
+    a, b = load_checkpoint(tmp_path / "a.ckpt"), load_checkpoint(tmp_path / "b.ckpt")
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    with pytest.raises(SystemExit) as stopped, user_errors():
+        raise TrainingPaused("paused after epoch 4")
+    assert stopped.value.code == PAUSED_EXIT_CODE and "paused: paused after epoch 4" in capsys.readouterr().err
+    monkeypatch.setenv("TAESAR_TIME_LIMIT", "soon")
+    with pytest.raises(ConfigError, match="TAESAR_TIME_LIMIT='soon': expected minutes"):
+        time_limit_minutes()
+
+
 def test_a_second_job_of_the_same_checkpoint_stops_while_the_first_trains(tmp_path):
     config = TrainConfig(epochs=2, learning_rate=1e-2, stopping_step=0, topk=(5, 10))
     model, train, valid = toy_setup()
