@@ -31,6 +31,8 @@ MODELS = ("ABXI", "CGRec", "SyNCRec")
 # the Stage III backbones are timed as fine-tuning trains them, on the rows of a mixed (`full`) or a
 # target domain's (`dom1`) training file (GCE-GNN: prefix-expanded)
 SPED_UP = ("ABXI", "CGRec", "SyNCRec", "GCEGNN", "CL4SRec")
+# SyNCRec with its expert passes' activations recomputed in the backward pass (`recompute_activations`)
+RECOMPUTE = "SyNCRec-recompute"
 BACKBONES = {"GCEGNN": ("GCEGNN", "full.train"), "GCEGNN-dom1": ("GCEGNN", "dom1.train"),
              "CL4SRec": ("CL4SRec", "full.train")}
 DATASETS = {"acdt": "ACDT", "best": "SYN_BEST"}
@@ -68,6 +70,8 @@ def _train(model_name: str, dataset_name: str, batches: int, device: str, refere
     if model_name in BACKBONES:
         model, loss_fn, rows = _backbone(dataset, *BACKBONES[model_name], reference)
     else:
+        recompute = model_name == RECOMPUTE
+        model_name = "SyNCRec" if recompute else model_name
         cfg = compose("baseline", [f"model={model_name}"])
         sequences = user_sequences(dataset, 128)
         if reference:  # the implementation before the speed-ups, kept literally under tests/
@@ -78,6 +82,8 @@ def _train(model_name: str, dataset_name: str, batches: int, device: str, refere
                                                 **params)
         else:
             model = build_baseline(model_name, dataset, cfg.model, sequences)
+            if recompute:
+                model.recompute_activations = True
         loss_fn, rows = model.loss, dataset.rows("full.train")
     model = model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -95,9 +101,9 @@ def _train(model_name: str, dataset_name: str, batches: int, device: str, refere
         if step:  # the first batch warms up
             seconds += time.perf_counter() - started
             rows += len(batch.users)
+    peak = peak_rss_bytes() / 1e9  # of the timed steps: the FLOP-counting pass below can keep more
     if not reference and model_name in SPED_UP + tuple(BACKBONES):
         flops = matmul_flops(model, loss_fn, batch)
-    peak = peak_rss_bytes() / 1e9
     gpu = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else 0.0
     return seconds, rows, peak, gpu, flops
 
@@ -153,7 +159,7 @@ def gemm_rate(threads: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=None, choices=MODELS + SPED_UP + tuple(BACKBONES),
+    parser.add_argument("--models", nargs="+", default=None, choices=MODELS + SPED_UP + tuple(BACKBONES) + (RECOMPUTE,),
                         help=f"default: {' '.join(MODELS)}; with --reference: {' '.join(SPED_UP)} GCEGNN-dom1")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--batches", type=int, default=5, help="timed training steps per pair")
@@ -190,11 +196,13 @@ def side_by_side(args) -> None:
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for key in args.datasets:
         name = DATASETS[key]
-        for model in [m for m in args.models if m in SPED_UP + tuple(BACKBONES)]:
+        for model in [m for m in args.models if m in SPED_UP + tuple(BACKBONES) + (RECOMPUTE,)]:
+            # SyNCRec-recompute: "before" is SyNCRec keeping its activations (the price of recomputing them)
+            pair = [("SyNCRec", False), (RECOMPUTE, False)] if model == RECOMPUTE else [(model, True), (model, False)]
             results = []
-            for reference in (True, False):
+            for name_, reference in pair:
                 with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                    results.append(pool.submit(_train, model, name, args.batches, args.device, reference, 1).result())
+                    results.append(pool.submit(_train, name_, name, args.batches, args.device, reference, 1).result())
             (before, _, rss_before, _, _), (now, _, rss_now, _, flops) = results
             floor = flops / rate
             label = f"{BACKBONES[model][0]} ({BACKBONES[model][1]})" if model in BACKBONES else model

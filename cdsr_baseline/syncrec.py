@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from cdsr_baseline.data import domain_of
 from cdsr_baseline.layers import (BertParams, Intermediate, bert_blocks, bert_init, binary_loss,
@@ -106,6 +107,10 @@ class Expert(nn.Module):
 
 
 class SyNCRec(nn.Module):
+    # True (`recompute_activations=true`): the expert passes that keep a graph store their inputs only
+    # and run again in the backward pass (torch.utils.checkpoint, with the random state restored for
+    # it: the same dropout masks and values). They hold most of a step's memory otherwise.
+    recompute_activations = False
     # Under torchrun the task losses are sums (each rank adds its part), the re-balancing reads the
     # global batch's domain means (so every rank keeps the same LRB state), and the MIP loss is a mean
     # over the global batch's slots whose "other user" is drawn from the whole global batch.
@@ -164,8 +169,12 @@ class SyNCRec(nn.Module):
             # the other partition's experts send no gradient into this task: they run without a
             # graph (the same values and dropout draws as computing and detaching them, less memory)
             detached = cross == (i < self.n_single)
+            expert = self._module(self.experts, i)
             with torch.set_grad_enabled(torch.is_grad_enabled() and not detached):
-                out = grouped(self._module(self.experts, i), e, mask, lengths)  # each with its own dropout noise
+                if self.recompute_activations and torch.is_grad_enabled():
+                    out = checkpoint(grouped, expert, e, mask, lengths, use_reentrant=False)
+                else:
+                    out = grouped(expert, e, mask, lengths)  # each with its own dropout noise
             mixture = mixture + weights[:, i, None, None] * out
         return self._module(self.towers, task)(mixture)
 

@@ -33,6 +33,7 @@ from dataset.prepare import prepare_dataset  # noqa: E402
 from pipeline.artifacts import baseline_checkpoint, baseline_inputs, open_dataset, write_settings  # noqa: E402
 from pipeline.distributed import World, process_group  # noqa: E402
 from pipeline.runs import RunLogger, finish_run, run_folder, seed_everything, user_errors  # noqa: E402
+from pipeline.schema import ConfigError  # noqa: E402
 from pipeline.settings import baseline_settings, train_config  # noqa: E402
 from trainer import Evaluation, check_meta, evaluate, fit, load_checkpoint, resume_file  # noqa: E402
 
@@ -57,6 +58,11 @@ def _run_baseline(cfg: DictConfig, world: World) -> dict:
     device = world.device(cfg.gpu_id)
     model = build_baseline(cfg.model.name, dataset, cfg.model,
                            sequences=user_sequences(dataset, cfg.MAX_ITEM_LIST_LENGTH)).to(device)
+    if cfg.get("recompute_activations"):
+        if not hasattr(model, "recompute_activations"):
+            raise ConfigError(f"config key 'recompute_activations' is true; only SyNCRec has activations to "
+                              f"recompute, not {cfg.model.name}")
+        model.recompute_activations = True
     checkpoint, settings = baseline_checkpoint(cfg)
     if world.is_main:
         write_settings(checkpoint.parent, settings)

@@ -210,6 +210,7 @@ class BaselineSettings(RunSettings):
     trainer: BaselineTrainer
     baseline_fidelity: Literal["official", "corrected"]
     select_on: Literal["each", "mean"]
+    recompute_activations: bool = False  # memory only: the same values (part of no key)
 
 
 SCHEMAS = {"run": PipelineSettings, "dec": PipelineSettings, "tun": FinetuneSettings}

@@ -261,3 +261,28 @@ def test_cgrec_heads_at_the_read_positions_are_the_whole_computation_read_there(
     for a, b in zip(whole, read):
         torch.testing.assert_close(b[keep], a[keep], rtol=1e-5, atol=1e-6)
         assert not b[~keep].any()
+
+
+def test_syncrec_recomputing_its_activations_changes_nothing_but_memory():
+    """`recompute_activations`: the expert passes with a graph run again in the backward pass with the
+    random state restored, so with dropout on, the loss, every gradient and the running state are
+    those of keeping the activations, and the stream after the step is the same."""
+    from cdsr_baseline.syncrec import SyNCRec
+
+    sequences, batch = batch_of_many_lengths()
+    params = NO_DROPOUT | {"hidden_dropout_prob": 0.3, "attention_probs_dropout_prob": 0.3, "expert_num": 4}
+    results = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = SyNCRec(15, STARTS, sequences, **params).train()
+        model.recompute_activations = recompute
+        torch.manual_seed(1)
+        loss = model.loss(batch)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+                        model.lrb_state.clone(), torch.rand(3)))
+    (loss_a, grads_a, state_a, after_a), (loss_b, grads_b, state_b, after_b) = results
+    assert torch.equal(loss_a, loss_b) and torch.equal(state_a, state_b) and torch.equal(after_a, after_b)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
+    for key in grads_a:
+        torch.testing.assert_close(grads_b[key], grads_a[key], rtol=1e-6, atol=1e-9, msg=key)

@@ -415,6 +415,16 @@ def test_bad_keys_stop_with_the_key_named(tmp_path, override, message):
         baseline_config(tmp_path, "ABXI", override)
 
 
+def test_recomputing_activations_is_syncrecs_and_keys_no_artifact(tmp_path):
+    from pipeline.artifacts import baseline_checkpoint
+
+    with pytest.raises(ValueError, match="only SyNCRec has activations to recompute, not ABXI"):
+        run_baseline(baseline_config(tmp_path, "ABXI", "recompute_activations=true"))
+    plain = baseline_config(tmp_path, "SyNCRec")
+    recomputing = baseline_config(tmp_path, "SyNCRec", "recompute_activations=true")
+    assert baseline_checkpoint(plain) == baseline_checkpoint(recomputing)  # memory only: the same artifact
+
+
 def test_sweep_configs_compose():
     for model in ("ABXI", "CGRec", "SyNCRec"):
         cfg = compose("baseline", [f"model={model}", f"search={model}"])
