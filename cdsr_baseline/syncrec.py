@@ -61,16 +61,19 @@ QUIRKS = {"shared_modules": (True, False), "gate_noise_at_eval": (True, False),
           "single_view_mask": ("mixed", "own")}
 
 
-def grouped(expert: nn.Module, e: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+def grouped(expert: nn.Module, e: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor | None,
+            read: torch.Tensor | None = None) -> torch.Tensor:
     """expert(e, mask) at every real slot, the rows encoded in groups of similar length without the
     slots that are padding in every row of the group (`in_length_groups`): the key mask bars them in
     the mixed and the own-domain views alike. Padded slots' outputs are 0: no loss reads them (their
     targets are padding), and the gates read the embeddings `e`, not the experts' outputs. Without
-    `lengths`, the whole width."""
+    `lengths`, the whole width. `read` (B, W) bool: only these slots' outputs are wanted (the last
+    block's feed-forward runs there only; the others are 0, the random stream unchanged)."""
     if lengths is None:
-        return expert(e, mask)
+        return expert(e, mask, read)
     W = e.size(1)
-    return in_length_groups(lambda rows, w: expert(e[rows, W - w:], mask[rows][..., W - w:, W - w:]), lengths, W)
+    return in_length_groups(lambda rows, w: expert(e[rows, W - w:], mask[rows][..., W - w:, W - w:],
+                                                   None if read is None else read[rows, W - w:]), lengths, W)
 
 
 class NoisyGate(nn.Module):
@@ -100,10 +103,17 @@ class Expert(nn.Module):
         D = p.hidden_size
         self.blocks = bert_blocks(p)
 
-    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
+    def forward(self, h: torch.Tensor, mask: torch.Tensor, read: torch.Tensor | None = None) -> torch.Tensor:
+        """The states of every slot; with `read` (bool, h's leading shape), of those slots only (the
+        last block's feed-forward runs there alone, its dropouts drawing their whole masks), 0 elsewhere."""
+        if read is None:
+            for block in self.blocks:
+                h = block(h, mask)
+            return h
+        for block in self.blocks[:-1]:
             h = block(h, mask)
-        return h
+        at = read.nonzero(as_tuple=True)
+        return h.new_zeros(h.shape).index_put(at, self.blocks[-1].forward_where(h, mask, at))
 
 
 class SyNCRec(nn.Module):
@@ -154,10 +164,13 @@ class SyNCRec(nn.Module):
     def _module(self, modules: nn.ModuleList, index: int) -> nn.Module:
         return modules[0] if self.params.shared_modules else modules[index]
 
-    def task(self, e: torch.Tensor, mask: torch.Tensor, task: int, lengths: torch.Tensor | None) -> torch.Tensor:
+    def task(self, e: torch.Tensor, mask: torch.Tensor, task: int, lengths: torch.Tensor | None,
+             read: torch.Tensor | None = None) -> torch.Tensor:
         """The tower's output of one task: 0..K-1 the single-domain tasks, K the cross-domain one;
         `lengths` (B,) the rows' real slots (the last ones of the left-padded width; None: encode the
-        whole width)."""
+        whole width). `read` (B, L) bool: the slots whose output a loss reads; the experts' last
+        feed-forward and the tower run there only, the other outputs are 0 (every dropout draws its
+        whole mask: the random stream and the values read are those of computing everything)."""
         cross = task == self.K
         r = self.params.cross_expert_ratio
         noise = self.training or self.params.gate_noise_at_eval
@@ -172,11 +185,15 @@ class SyNCRec(nn.Module):
             expert = self._module(self.experts, i)
             with torch.set_grad_enabled(torch.is_grad_enabled() and not detached):
                 if self.recompute_activations and torch.is_grad_enabled():
-                    out = checkpoint(grouped, expert, e, mask, lengths, use_reentrant=False)
+                    out = checkpoint(grouped, expert, e, mask, lengths, read, use_reentrant=False)
                 else:
-                    out = grouped(expert, e, mask, lengths)  # each with its own dropout noise
+                    out = grouped(expert, e, mask, lengths, read)  # each with its own dropout noise
             mixture = mixture + weights[:, i, None, None] * out
-        return self._module(self.towers, task)(mixture)
+        tower = self._module(self.towers, task)
+        if read is None:
+            return tower(mixture)
+        at = read.nonzero(as_tuple=True)
+        return mixture.new_zeros(mixture.shape).index_put(at, tower.forward_where(mixture[at], at, mixture.shape))
 
     # ------------------------------------------------------------------ training
 
@@ -198,8 +215,10 @@ class SyNCRec(nn.Module):
             view_mask = mixed_mask if self.params.single_view_mask == "mixed" else attention_mask(own)
             # an own-domain view can bar every key of a query (no own item before it), whose weights then
             # spread over the whole width, padding included: that view keeps the whole width
+            # its output is read at its own domain's slots (S_t) and where the target is of its domain
             h = self.task(self.embed(x * own, slots * own), view_mask, d - 1,
-                          lengths if self.params.single_view_mask == "mixed" else None)
+                          lengths if self.params.single_view_mask == "mixed" else None,
+                          read=own | (target_slots == d))
             summary = summary + own[..., None] * h
             m = (target_slots == d).float()
             single_sum.append(binary_loss(h, self.item_emb.weight, y, negative, m, "sum"))

@@ -286,3 +286,34 @@ def test_syncrec_recomputing_its_activations_changes_nothing_but_memory():
     assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
     for key in grads_a:
         torch.testing.assert_close(grads_b[key], grads_a[key], rtol=1e-6, atol=1e-9, msg=key)
+
+
+@pytest.mark.parametrize("corrected", [False, True])
+def test_syncrec_single_tasks_computed_where_read_are_the_whole_computation(corrected, monkeypatch):
+    """A single-domain task's output is read at its own domain's slots and where the target is of its
+    domain; computing the experts' last feed-forward and the tower there only changes nothing else:
+    with dropout on and the same seed, the loss, every gradient and the draws consumed are those of
+    computing every slot."""
+    from cdsr_baseline.syncrec import SyNCRec
+
+    sequences, batch = batch_of_many_lengths()
+    extra = CASES["SyNCRec corrected" if corrected else "SyNCRec official"][1]
+    params = NO_DROPOUT | {"hidden_dropout_prob": 0.3, "attention_probs_dropout_prob": 0.3} | extra
+    whole_task = SyNCRec.task
+    results = []
+    for where_read in (True, False):
+        if not where_read:
+            monkeypatch.setattr(SyNCRec, "task", lambda self, *args, read=None: whole_task(self, *args))
+        torch.manual_seed(0)
+        model = SyNCRec(15, STARTS, sequences, **params).train()
+        torch.manual_seed(1)
+        loss = model.loss(batch)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+                        torch.rand(3)))
+    (loss_a, grads_a, after_a), (loss_b, grads_b, after_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=0)
+    assert torch.equal(after_a, after_b)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
+    for key in grads_a:
+        torch.testing.assert_close(grads_a[key], grads_b[key], rtol=1e-5, atol=1e-7, msg=key)
