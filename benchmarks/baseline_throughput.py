@@ -4,6 +4,7 @@ synthetic dataset; with `--reference`, each sped-up model against its implementa
     python benchmarks/baseline_throughput.py --batches 5
     python benchmarks/baseline_throughput.py --models ABXI --datasets acdt --batches 20 --device cuda
     python benchmarks/baseline_throughput.py --reference --models CGRec SyNCRec GCEGNN --datasets acdt
+    python benchmarks/baseline_throughput.py --threads --models CGRec GCEGNN --datasets acdt
 
 Each (model, dataset) pair runs in its own spawned child process, so that the peak RSS it reports
 is that training's own (the child's VmHWM, `pipeline.resources.peak_rss_bytes`): the model at its official size
@@ -167,7 +168,13 @@ def main() -> None:
     parser.add_argument("--reference", action="store_true",
                         help="the implementation before the speed-ups (tests/reference_*.py) and the current one, "
                              "side by side, one thread each, with the matmul FLOP floor")
+    parser.add_argument("--threads", action="store_true",
+                        help="the current implementation with one thread, with two, and as two one-thread jobs at "
+                             "once: which way two cores train most rows")
     args = parser.parse_args()
+    if args.threads:
+        args.models = args.models or list(SPED_UP) + ["GCEGNN-dom1"]
+        return thread_study(args)
     if args.reference:
         args.models = args.models or list(SPED_UP) + ["GCEGNN-dom1"]
         return side_by_side(args)
@@ -209,6 +216,30 @@ def side_by_side(args) -> None:
             print(f"| {label} | {name} | {before / args.batches:.2f} | {now / args.batches:.2f} | {before / now:.2f}x | "
                   f"{flops / 1e9:.0f} | {floor:.2f} | {now / args.batches / floor:.2f}x | "
                   f"{rss_before:.2f} / {rss_now:.2f} |", flush=True)
+
+
+def thread_study(args) -> None:
+    """Each model alone with one thread, alone with two, and as two one-thread jobs at the same time
+    (spawned processes, the same batches): steps a second of the whole machine each way."""
+    context = multiprocessing.get_context("spawn")
+    print(f"batch 128, {args.batches} timed steps a run; two jobs: two processes of one thread started together")
+    print("| model | dataset | 1 thread s/step | 2 threads s/step | two 1-thread jobs s/step (each) "
+          "| steps/s: 2 threads / 1 thread | steps/s: two jobs / 2 threads |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for key in args.datasets:
+        name = DATASETS[key]
+        for model in args.models:
+            alone = {}
+            for threads in (1, 2):
+                with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+                    alone[threads] = pool.submit(_train, model, name, args.batches, args.device, False,
+                                                 threads).result()[0] / args.batches
+            with ProcessPoolExecutor(max_workers=2, mp_context=context) as pool:
+                jobs = [pool.submit(_train, model, name, args.batches, args.device, False, 1) for _ in range(2)]
+                pair = max(job.result()[0] for job in jobs) / args.batches  # both done: the pair's pace
+            label = f"{BACKBONES[model][0]} ({BACKBONES[model][1]})" if model in BACKBONES else model
+            print(f"| {label} | {name} | {alone[1]:.2f} | {alone[2]:.2f} | {pair:.2f} | {alone[1] / alone[2]:.2f}x | "
+                  f"{2 * alone[2] / pair:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
