@@ -95,16 +95,17 @@ def reverse_history(history: torch.Tensor, lengths: torch.Tensor, max_len: int) 
     return w[:, :max_len], lengths.clamp(max=max_len)
 
 
-def session_graph(w: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def session_graph(w: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
     """The session graphs of a batch of reversed sessions `w` (B, L) (w[:, 0] most recent, 0-padded).
 
     Returns
     - nodes (B, n): the distinct items of each session (ascending), padded with 0;
     - alias (B, L): node index of each slot's item (0 on padding slots);
-    - adjacency (B, 4, n, n) bool: adjacency[b, t, i, j] is an edge j -> i of type t, i.e. node i
-      receives from node j. For consecutive w_k, w_{k+1}: j = node(w_k), i = node(w_{k+1}) is type 1 and
-      the reverse is type 2; a pair met both ways (or a repeat w_k = w_{k+1}, its own reverse) is type 3
-      instead; every real node has one type-0 self-loop (RecBole-GNN's GCEGNNDataset, as a dense matrix).
+    - edges (b, t, i, j), four (E,) tensors: node i of session b receives from node j by an edge of
+      type t. For consecutive w_k, w_{k+1}: j = node(w_k), i = node(w_{k+1}) is type 1 and the
+      reverse is type 2; a pair met both ways (or a repeat w_k = w_{k+1}, its own reverse) is type 3
+      instead; every real node has one type-0 self-loop (RecBole-GNN's GCEGNNDataset). Each edge
+      once, in (b, t, i, j) order; built from the L - 1 consecutive pairs, never as (B, n, n) matrices.
     """
     B, L = w.shape
     valid = torch.arange(L, device=w.device) < lengths[:, None]
@@ -114,23 +115,28 @@ def session_graph(w: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor,
     is_new[:, 1:] = sorted_items[:, 1:] != sorted_items[:, :-1]
     is_new &= valid  # after sorting, the real items still fill the first `lengths` slots
     node_of_sorted = is_new.cumsum(1) - 1  # (B, L)
-    n = int(is_new.sum(1).max())
+    n_nodes = is_new.sum(1)
+    n = int(n_nodes.max())
     alias = torch.zeros_like(w).scatter_(1, perm, node_of_sorted) * valid
     # one extra column collects the repeats, then is dropped
     nodes = torch.zeros(B, n + 1, dtype=w.dtype, device=w.device)
     nodes = nodes.scatter_(1, torch.where(is_new, node_of_sorted, n), sorted_items)[:, :n]
-    node_valid = torch.arange(n, device=w.device) < is_new.sum(1, keepdim=True)  # (B, n)
 
-    # forward[b, i, j]: some k has w_k = node j and w_{k+1} = node i
+    # forward pairs (b, i, j): some k has w_k = node j and w_{k+1} = node i; each once, as integer keys
     pair_valid = valid[:, 1:]
-    rows = torch.arange(B, device=w.device)[:, None].expand(-1, L - 1)
-    forward = torch.zeros(B, n, n, dtype=torch.bool, device=w.device)
-    forward[rows[pair_valid], alias[:, 1:][pair_valid], alias[:, :-1][pair_valid]] = True
-    backward = forward.transpose(1, 2)
-    both = forward & backward
-    self_loop = torch.eye(n, dtype=torch.bool, device=w.device) & node_valid[:, :, None]
-    adjacency = torch.stack([self_loop, forward & ~both, backward & ~both, both], dim=1)
-    return nodes, alias, adjacency
+    session = torch.arange(B, device=w.device)[:, None].expand(-1, L - 1)[pair_valid]
+    forward = torch.unique((session * n + alias[:, 1:][pair_valid]) * n + alias[:, :-1][pair_valid])
+    fb, fi, fj = forward // (n * n), forward // n % n, forward % n
+    both = torch.isin(forward, (fb * n + fj) * n + fi)  # met both ways (a repeat is its own reverse)
+    one_way = ~both
+    loop_b, loop_i = (torch.arange(n, device=w.device) < n_nodes[:, None]).nonzero(as_tuple=True)
+    b = torch.cat([loop_b, fb[one_way], fb[one_way], fb[both]])
+    per_type = torch.stack([torch.tensor(len(loop_b), device=w.device), one_way.sum(), one_way.sum(), both.sum()])
+    t = torch.repeat_interleave(torch.arange(N_EDGE_TYPES, device=w.device), per_type)
+    i = torch.cat([loop_i, fi[one_way], fj[one_way], fi[both]])
+    j = torch.cat([loop_i, fj[one_way], fi[one_way], fj[both]])
+    order = (((b * N_EDGE_TYPES + t) * n + i) * n + j).argsort()
+    return nodes, alias, (b[order], t[order], i[order], j[order])
 
 
 class GCEGNN(nn.Module):
@@ -147,10 +153,9 @@ class GCEGNN(nn.Module):
     NOTE: trained on every prefix of every training row (the fine-tuning script expands them), and the
     global graph counts every prefix sample, where stock RecBole on benchmark files sees each row's last
     target only.
-    NOTE: the session graph is built as a dense (B, 4, n, n) type matrix per batch (it deduplicates the
-    edges), and the attention then runs on its edge list, as PyG does in RecBole-GNN: the softmax runs
-    over the same incoming edges (a consecutive repeat gives a node a type-3 self-edge beside its type-0
-    loop, as in RecBole-GNN).
+    NOTE: the session graph is an edge list per batch (as PyG's in RecBole-GNN), built from the
+    consecutive pairs with integer keys: the softmax runs over the same incoming edges (a consecutive
+    repeat gives a node a type-3 self-edge beside its type-0 loop, as in RecBole-GNN).
     NOTE: one global hop only (RecBole-GNN `hop: 1`); its unused `bias` parameter is left out; the global
     attention uses `leakyrelu_alpha` where RecBole-GNN fixes 0.2 (the same value here).
     NOTE: everything after the session graph is computed on real slots only, where RecBole-GNN pads
@@ -199,15 +204,16 @@ class GCEGNN(nn.Module):
         self.neighbour_weights.copy_(torch.from_numpy(counts))
         self.graph_built.fill_(True)
 
-    def local_aggregate(self, h: torch.Tensor, adjacency: torch.Tensor) -> torch.Tensor:
-        """(B, n, D) node embeddings, (B, 4, n, n) typed edges -> (B, n, D) h_loc: for each node i,
-        softmax over its incoming edges (j, t) of LeakyReLU(<E_j * E_i, a_t>), then sum of E_j.
+    def local_aggregate(self, h: torch.Tensor, edges: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """(B, n, D) node embeddings, the typed edges (b, t, i, j) of `session_graph` -> (B, n, D) h_loc:
+        for each node i, softmax over its incoming edges (j, t) of LeakyReLU(<E_j * E_i, a_t>), then
+        sum of E_j.
 
         Computed on the edge list (a node has a handful of incoming edges, not n): O(edges * D) where
-        the dense (B, 4, n, n) scores cost O(B * n^2 * D). Padding nodes have no edges and get zeros.
+        dense (B, 4, n, n) scores cost O(B * n^2 * D). Padding nodes have no edges and get zeros.
         """
         B, n, D = h.shape
-        b, t, i, j = adjacency.nonzero(as_tuple=True)  # edge j -> i of type t
+        b, t, i, j = edges  # edge j -> i of type t
         receiver, sender = b * n + i, b * n + j  # rows of the flattened (B * n, D) nodes
         nodes = h.reshape(B * n, D)
         score = F.leaky_relu((nodes[receiver] * self.edge_attention[t] * nodes[sender]).sum(-1),
@@ -274,8 +280,8 @@ class GCEGNN(nn.Module):
         def per_session_mean(x):  # (V, D) -> (B, D)
             return torch.zeros(B, x.size(1), dtype=x.dtype, device=x.device).index_add(0, session, x) / lengths[:, None]
 
-        nodes, alias, adjacency = session_graph(w, lengths)
-        h_loc = self.local_aggregate(self.item_emb(nodes), adjacency)  # (B, n, D)
+        nodes, alias, edges = session_graph(w, lengths)
+        h_loc = self.local_aggregate(self.item_emb(nodes), edges)  # (B, n, D)
         h_loc = F.dropout(h_loc, self.config.dropout_local, self.training)[session, alias[session, slot]]  # (V, D)
         item_emb = self.item_emb(items)  # (V, D)
         h_glob = self.global_aggregate(session, items, item_emb, per_session_mean(item_emb))

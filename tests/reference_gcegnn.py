@@ -1,10 +1,48 @@
 """GCE-GNN's encoder as it was written before its edge-list local branch, distinct-pair global branch
-and read-out on real slots (the three methods kept literally, so that tests can check that the new
-ones compute the same loss and gradients)."""
+and read-out on real slots, with its dense session graph (kept literally, so that tests can check that
+the new ones compute the same graphs, loss and gradients)."""
 import torch
 import torch.nn.functional as F
 
-from model.gcegnn import GCEGNN, N_EDGE_TYPES, reverse_history, session_graph
+from model.gcegnn import GCEGNN, N_EDGE_TYPES, reverse_history
+
+
+def dense_session_graph(w: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The session graphs of a batch of reversed sessions `w` (B, L) (w[:, 0] most recent, 0-padded).
+
+    Returns
+    - nodes (B, n): the distinct items of each session (ascending), padded with 0;
+    - alias (B, L): node index of each slot's item (0 on padding slots);
+    - adjacency (B, 4, n, n) bool: adjacency[b, t, i, j] is an edge j -> i of type t, i.e. node i
+      receives from node j. For consecutive w_k, w_{k+1}: j = node(w_k), i = node(w_{k+1}) is type 1 and
+      the reverse is type 2; a pair met both ways (or a repeat w_k = w_{k+1}, its own reverse) is type 3
+      instead; every real node has one type-0 self-loop (RecBole-GNN's GCEGNNDataset, as a dense matrix).
+    """
+    B, L = w.shape
+    valid = torch.arange(L, device=w.device) < lengths[:, None]
+    # distinct items: sort each row (padding last), a node starts wherever the value changes
+    sorted_items, perm = torch.where(valid, w, torch.iinfo(w.dtype).max).sort(dim=1, stable=True)
+    is_new = torch.ones_like(valid)
+    is_new[:, 1:] = sorted_items[:, 1:] != sorted_items[:, :-1]
+    is_new &= valid  # after sorting, the real items still fill the first `lengths` slots
+    node_of_sorted = is_new.cumsum(1) - 1  # (B, L)
+    n = int(is_new.sum(1).max())
+    alias = torch.zeros_like(w).scatter_(1, perm, node_of_sorted) * valid
+    # one extra column collects the repeats, then is dropped
+    nodes = torch.zeros(B, n + 1, dtype=w.dtype, device=w.device)
+    nodes = nodes.scatter_(1, torch.where(is_new, node_of_sorted, n), sorted_items)[:, :n]
+    node_valid = torch.arange(n, device=w.device) < is_new.sum(1, keepdim=True)  # (B, n)
+
+    # forward[b, i, j]: some k has w_k = node j and w_{k+1} = node i
+    pair_valid = valid[:, 1:]
+    rows = torch.arange(B, device=w.device)[:, None].expand(-1, L - 1)
+    forward = torch.zeros(B, n, n, dtype=torch.bool, device=w.device)
+    forward[rows[pair_valid], alias[:, 1:][pair_valid], alias[:, :-1][pair_valid]] = True
+    backward = forward.transpose(1, 2)
+    both = forward & backward
+    self_loop = torch.eye(n, dtype=torch.bool, device=w.device) & node_valid[:, :, None]
+    adjacency = torch.stack([self_loop, forward & ~both, backward & ~both, both], dim=1)
+    return nodes, alias, adjacency
 
 
 class ReferenceGCEGNN(GCEGNN):
@@ -50,7 +88,7 @@ class ReferenceGCEGNN(GCEGNN):
         w, lengths = reverse_history(history, lengths, self.config.max_len)
         L = w.size(1)
         valid = torch.arange(L, device=w.device) < lengths[:, None]  # (B, L)
-        nodes, alias, adjacency = session_graph(w, lengths)
+        nodes, alias, adjacency = dense_session_graph(w, lengths)
         h_loc = self.local_aggregate(self.item_emb(nodes), adjacency)  # (B, n, D)
         h_loc = F.dropout(h_loc, self.config.dropout_local, self.training)
         h_loc = h_loc.gather(1, alias[..., None].expand(-1, -1, h_loc.size(-1)))  # (B, L, D) per slot

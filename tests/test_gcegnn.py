@@ -36,10 +36,17 @@ def batch_of(sequences: list[list[int]]) -> SequenceBatch:
     return SequenceBatch(torch.arange(len(sequences)), items, torch.tensor([len(s) for s in sequences]))
 
 
-def edge_triples(nodes, alias, adjacency, b: int) -> set[tuple[int, int, int]]:
+def edge_triples(nodes, alias, edges, b: int) -> set[tuple[int, int, int]]:
     """(source item, destination item, type) of every edge of session b."""
-    t, i, j = adjacency[b].nonzero(as_tuple=True)
-    return {(int(nodes[b, jj]), int(nodes[b, ii]), int(tt)) for tt, ii, jj in zip(t, i, j)}
+    mine = edges[0] == b
+    return {(int(nodes[b, j]), int(nodes[b, i]), int(t)) for t, i, j in zip(*(e[mine] for e in edges[1:]))}
+
+
+def dense(edges, B: int, n: int) -> torch.Tensor:
+    """(B, 4, n, n) bool: [b, t, i, j] iff node i of session b receives from node j by type t."""
+    adjacency = torch.zeros(B, 4, n, n, dtype=torch.bool)
+    adjacency[edges] = True
+    return adjacency
 
 
 # --------------------------------------------------------------------------- global graph
@@ -129,18 +136,19 @@ def test_reverse_history_puts_the_most_recent_first_and_cuts_to_max_len():
 def test_session_graph_edge_types_by_hand():
     # history 1 2 1 3 3 (oldest first) -> reversed session w = 3 3 1 2 1
     w, lengths = reverse_history(torch.tensor([[1, 2, 1, 3, 3], [4, 5, 0, 0, 0]]), torch.tensor([5, 2]), 8)
-    nodes, alias, adjacency = session_graph(w, lengths)
+    nodes, alias, edges = session_graph(w, lengths)
     assert nodes[0].tolist() == [1, 2, 3] and nodes[1].tolist() == [4, 5, 0]
     assert nodes[0, alias[0]].tolist() == [3, 3, 1, 2, 1]
     # consecutive pairs w_k -> w_{k+1}: 3->3, 3->1, 1->2, 2->1
-    assert edge_triples(nodes, alias, adjacency, 0) == {
+    assert edge_triples(nodes, alias, edges, 0) == {
         (1, 1, 0), (2, 2, 0), (3, 3, 0),  # self-loops
         (3, 1, 1), (1, 3, 2),  # met one way only: type 1 forward, type 2 its reverse
         (1, 2, 3), (2, 1, 3),  # met both ways
         (3, 3, 3),  # the repeat 3 3 is its own reverse
     }
     # reversed session 5 4: 5 -> 4 is type 1, 4 -> 5 type 2; the padding node has no edge
-    assert edge_triples(nodes, alias, adjacency, 1) == {(4, 4, 0), (5, 5, 0), (5, 4, 1), (4, 5, 2)}
+    assert edge_triples(nodes, alias, edges, 1) == {(4, 4, 0), (5, 5, 0), (5, 4, 1), (4, 5, 2)}
+    assert len(edges[0]) == 8 + 4  # each edge once
 
 
 def reference_session_edges(w: list[int]) -> set[tuple[int, int, int]]:
@@ -156,15 +164,32 @@ def test_session_graph_matches_edge_lists_and_has_one_self_loop_per_node():
     rows = random_rows(50, 6, seed=3, max_len=14)
     batch = batch_of([rows.sequence(r).tolist() for r in range(len(rows))])
     w, lengths = reverse_history(batch.items, batch.lengths, 128)
-    nodes, alias, adjacency = session_graph(w, lengths)
+    nodes, alias, edges = session_graph(w, lengths)
+    adjacency = dense(edges, len(rows), nodes.size(1))
+    assert int(adjacency.sum()) == len(edges[0])  # no edge twice
     for b in range(len(rows)):
         session = w[b, : lengths[b]].tolist()
-        assert edge_triples(nodes, alias, adjacency, b) == reference_session_edges(session)
+        assert edge_triples(nodes, alias, edges, b) == reference_session_edges(session)
         n_real = len(set(session))
         assert sorted(nodes[b, :n_real].tolist()) == sorted(set(session)) and not nodes[b, n_real:].any()
         assert adjacency[b, 0].sum(1)[:n_real].tolist() == [1] * n_real  # one type-0 loop into each node ...
         assert adjacency[b, 0].diagonal()[:n_real].all()  # ... on itself
         assert not adjacency[b, :, n_real:].any() and not adjacency[b, :, :, n_real:].any()
+
+
+def test_session_graph_is_the_dense_one_before_it_in_the_same_order():
+    """The edge list equals the nonzeros of the dense (B, 4, n, n) matrix of the implementation before
+    (tests/reference_gcegnn.py), in the same (b, t, i, j) order, so the sums over edges are the same."""
+    from tests.reference_gcegnn import dense_session_graph
+
+    rows = random_rows(60, 7, seed=5, max_len=20)
+    batch = batch_of([rows.sequence(r).tolist() for r in range(len(rows))])
+    w, lengths = reverse_history(batch.items, batch.lengths, 16)
+    nodes, alias, edges = session_graph(w, lengths)
+    want_nodes, want_alias, adjacency = dense_session_graph(w, lengths)
+    assert torch.equal(nodes, want_nodes) and torch.equal(alias, want_alias)
+    for got, want in zip(edges, adjacency.nonzero(as_tuple=True)):
+        assert torch.equal(got, want)
 
 
 # --------------------------------------------------------------------------- the model
