@@ -216,15 +216,18 @@ class GCEGNN(nn.Module):
         b, t, i, j = edges  # edge j -> i of type t
         receiver, sender = b * n + i, b * n + j  # rows of the flattened (B * n, D) nodes
         nodes = h.reshape(B * n, D)
-        score = F.leaky_relu((nodes[receiver] * self.edge_attention[t] * nodes[sender]).sum(-1),
-                             self.config.leakyrelu_alpha)  # (edges,)
+        # index_select, not x[index]: its backward is an index_add, far cheaper than an accumulating
+        # index_put on a CPU (here and below)
+        from_sender = nodes.index_select(0, sender)
+        score = F.leaky_relu((nodes.index_select(0, receiver) * self.edge_attention.index_select(0, t)
+                              * from_sender).sum(-1), self.config.leakyrelu_alpha)  # (edges,)
         # softmax over each receiver's incoming edges; the shift by its maximum is a constant
         top = torch.full((B * n,), float("-inf"), dtype=score.dtype, device=score.device)
         top = top.scatter_reduce(0, receiver, score.detach(), "amax")
-        weight = (score - top[receiver]).exp()
+        weight = (score - top.index_select(0, receiver)).exp()
         total = torch.zeros(B * n, dtype=score.dtype, device=score.device).index_add(0, receiver, weight)
-        weight = weight / total[receiver]
-        out = torch.zeros_like(nodes).index_add(0, receiver, weight[:, None] * nodes[sender])
+        weight = weight / total.index_select(0, receiver)
+        out = torch.zeros_like(nodes).index_add(0, receiver, weight[:, None] * from_sender)
         return out.view(B, n, D)
 
     def global_aggregate(self, session: torch.Tensor, items: torch.Tensor, item_emb: torch.Tensor,
@@ -250,10 +253,10 @@ class GCEGNN(nn.Module):
         n_counts = int(kappa.max()) + 1 if kappa.numel() else 1  # counts are whole numbers
         triples, triple_of = torch.unique(pair_of * n_counts + kappa.long(), return_inverse=True)
         triple_pair = triples.div(n_counts, rounding_mode="floor")
-        pre = (e_bar[pair_session] * self.item_emb(pair_item)) @ self.U[:D]  # (pairs, D)
-        pre = pre[triple_pair] + triples.remainder(n_counts).to(pre.dtype)[:, None] * self.U[D]  # (triples, D)
+        pre = (e_bar.index_select(0, pair_session) * self.item_emb(pair_item)) @ self.U[:D]  # (pairs, D)
+        pre = pre.index_select(0, triple_pair) + triples.remainder(n_counts).to(pre.dtype)[:, None] * self.U[D]
         logit = (F.leaky_relu(pre, self.config.leakyrelu_alpha) @ self.q).squeeze(1)  # (triples,)
-        pi = logit[triple_of].softmax(1)  # (V, S)
+        pi = logit.index_select(0, triple_of.flatten()).view(triple_of.shape).softmax(1)  # (V, S)
         # g = sum_j pi_j E_{n_j} without a (V, S, D) tensor; item 0 (padding_idx: never trained) is
         # left out of the bag and added back with its row detached
         g = F.embedding_bag(neighbours, E, per_sample_weights=pi, mode="sum", padding_idx=0)
@@ -282,7 +285,8 @@ class GCEGNN(nn.Module):
 
         nodes, alias, edges = session_graph(w, lengths)
         h_loc = self.local_aggregate(self.item_emb(nodes), edges)  # (B, n, D)
-        h_loc = F.dropout(h_loc, self.config.dropout_local, self.training)[session, alias[session, slot]]  # (V, D)
+        h_loc = F.dropout(h_loc, self.config.dropout_local, self.training).flatten(0, 1).index_select(
+            0, session * h_loc.size(1) + alias[session, slot])  # (V, D)
         item_emb = self.item_emb(items)  # (V, D)
         h_glob = self.global_aggregate(session, items, item_emb, per_session_mean(item_emb))
         p = self.config.dropout_global
@@ -292,8 +296,8 @@ class GCEGNN(nn.Module):
         h = h_loc + h_glob  # (V, D)
 
         # soft-attention read-out with reversed positions
-        z = torch.tanh(self.W_1(torch.cat([self.pos_emb.weight[slot], h], -1)))  # (V, D)
-        eta = self.w_2(torch.sigmoid(self.glu1(z) + self.glu2(per_session_mean(h))[session]))  # (V, 1)
+        z = torch.tanh(self.W_1(torch.cat([self.pos_emb(slot), h], -1)))  # (V, D)
+        eta = self.w_2(torch.sigmoid(self.glu1(z) + self.glu2(per_session_mean(h)).index_select(0, session)))  # (V, 1)
         return torch.zeros(B, h.size(1), dtype=h.dtype, device=h.device).index_add(0, session, eta * h)
 
     def logits(self, r: torch.Tensor, item_range: tuple[int, int] | None = None) -> torch.Tensor:
