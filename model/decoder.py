@@ -94,7 +94,17 @@ def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tens
         return x
     if p >= 1:
         return x * 0.0
-    return x * keep_mask(x.shape, p, x.device).to(x.dtype).mul_(1.0 / (1.0 - p))
+    return x * _scaled_keep(x.shape, p, x.dtype, x.device, fast=True)
+
+
+def _scaled_keep(shape, p: float, dtype, device, fast: bool) -> torch.Tensor:
+    """The dropout multiplier of a `shape` tensor (0 < p < 1): 1 / (1 - p) where kept, else 0; the mask
+    of `keep_mask` (fast) or nn.Dropout's (`bernoulli_`)."""
+    if fast:
+        keep = keep_mask(shape, p, device).to(dtype)
+    else:
+        keep = torch.empty(shape, dtype=dtype, device=device).bernoulli_(1 - p)
+    return keep.mul_(1.0 / (1.0 - p))
 
 
 def dropout_at(x_at: torch.Tensor, at: tuple[torch.Tensor, ...], shape: torch.Size, p: float, training: bool,
@@ -106,11 +116,7 @@ def dropout_at(x_at: torch.Tensor, at: tuple[torch.Tensor, ...], shape: torch.Si
         return x_at
     if p >= 1:
         return x_at * 0.0
-    if fast:
-        keep = keep_mask(shape, p, x_at.device).to(x_at.dtype)
-    else:
-        keep = torch.empty(shape, dtype=x_at.dtype, device=x_at.device).bernoulli_(1 - p)
-    return x_at * keep[at].mul_(1.0 / (1.0 - p))
+    return x_at * _scaled_keep(shape, p, x_at.dtype, x_at.device, fast)[at]
 
 
 class FastDropout(nn.Dropout):
@@ -174,20 +180,24 @@ class Block(nn.Module):
         q, k, v = self.qkv(x).split(H, dim=2)
         # (B, L, H) -> (B, nh, L, hs)
         q, k, v = (t.view(B, L, self.n_heads, H // self.n_heads).transpose(1, 2) for t in (q, k, v))
-        dropout_p = self.attn_dropout if self.training else 0.0
         # Without a mask, causal only: with right padding a real position only ever sees real items,
         # so causality also hides the padding, and the fused kernels need no mask tensor. `mask` is
         # added to the scores (B, 1, L, L): -10000 where attention is barred, as RecBole does, so a
         # query with nothing to attend to (left padding) stays finite.
-        if self.fast_dropout and dropout_p > 0:
-            y = attend(q, k, v, mask, lambda weights: fast_dropout(weights, dropout_p))
-        elif mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = self._attend(q, k, v, mask)
         # (B, nh, L, hs) -> (B, L, H)
         y = y.transpose(1, 2).contiguous().view(B, L, H)
         return self.attn_out(y)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d) + mask) v with this block's attention dropout (causal without a
+        mask): torch's attention, or written out where the dropout is ours (`fast_dropout`)."""
+        dropout_p = self.attn_dropout if self.training else 0.0
+        if self.fast_dropout and dropout_p > 0:
+            return attend(q, k, v, mask, lambda weights: fast_dropout(weights, dropout_p))
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "ffn"):
@@ -219,13 +229,8 @@ class Block(nn.Module):
         q = F.linear(here, self.qkv.weight[:H], self.qkv.bias[:H]).view(B, nh, 1, hs)
         k, v = (t.view(B, L, nh, hs).transpose(1, 2)
                 for t in F.linear(x, self.qkv.weight[H:], self.qkv.bias[H:]).split(H, dim=2))
-        allowed = (torch.arange(L, device=x.device) <= positions[:, None])[:, None, None, :]  # (B, 1, 1, L)
-        dropout_p = self.attn_dropout if self.training else 0.0
-        if self.fast_dropout and dropout_p > 0:
-            bar = torch.zeros(allowed.shape, device=x.device).masked_fill(~allowed, float("-inf"))
-            y = attend(q, k, v, bar, lambda weights: fast_dropout(weights, dropout_p))
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
+        later = (torch.arange(L, device=x.device) > positions[:, None])[:, None, None]  # (B, 1, 1, L) barred keys
+        y = self._attend(q, k, v, torch.zeros(later.shape, device=x.device).masked_fill(later, float("-inf")))
         here = self.ln_attn(here + self.dropout(self.attn_out(y.reshape(B, H))))
         return self.ln_ffn(here + self.dropout(self.feed_forward(here)))
 
