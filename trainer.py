@@ -143,6 +143,18 @@ class Evaluation:
     item_range: tuple[int, int]
 
 
+# Wall time of the earlier pieces of every training this process resumed (a paused or killed run's
+# epochs before its resume file was picked up): what a run record adds to its own wall time, so that a
+# run made in pieces records all of them. The resume file carries it; the checkpoint holds no timings.
+_RESUMED_SECONDS = [0.0]
+
+
+def resumed_seconds() -> float:
+    """Seconds the earlier pieces of the trainings resumed in this process ran (their epochs, evaluation
+    included); read before and after a stage to learn what its resumed trainings had run before."""
+    return _RESUMED_SECONDS[0]
+
+
 @dataclass
 class FitResult:
     # Of the kept weights; with one Evaluation per domain (`valid` a dict), keyed by domain.
@@ -267,6 +279,7 @@ def _fit(model, loss_fn, train, config, *, checkpoint, meta, valid, select_on, r
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     selection = _Selection(valid, select_on, config.valid_key)
     state = {"epoch": 0, "bad_evals": 0, "history": [], "best": selection.empty()}
+    elapsed = 0.0  # wall time of this training's epochs, earlier pieces included (resume file only)
     prefix = f"{log_prefix}: " if log_prefix else ""
     if resume and resume_path.is_file():
         saved = load_checkpoint(resume_path)
@@ -274,6 +287,8 @@ def _fit(model, loss_fn, train, config, *, checkpoint, meta, valid, select_on, r
         model.load_state_dict(saved["state_dict"])
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["trainer"]
+        elapsed = float(saved.get("elapsed_seconds", 0.0))
+        _RESUMED_SECONDS[0] += elapsed
         restored = _restore_rng(saved["rng"], world)
         log.info("%sresuming from %s after epoch %d", prefix, resume_path, state["epoch"])
     else:
@@ -327,8 +342,9 @@ def _fit(model, loss_fn, train, config, *, checkpoint, meta, valid, select_on, r
         if logger is not None:
             logger.log({**_flat(record, key_prefix), f"{key_prefix}train/seconds": seconds})
         rng = _rng_states(world)  # every rank's generators (a collective call under torchrun)
+        elapsed += time.perf_counter() - started
         if world is None or world.is_main:  # rank 0 alone writes; the others wait for the file
-            _save_resume_state(resume_path, model, optimizer, state, meta, rng)
+            _save_resume_state(resume_path, model, optimizer, state, meta, rng, elapsed)
         barrier(world)
         if stop:
             log.info("%sstopping early: no %s improvement in %d evaluations", prefix, config.valid_key,
@@ -544,13 +560,14 @@ def _restore_rng(saved: dict, world) -> bool:
     return True
 
 
-def _save_resume_state(path: Path, model, optimizer, state: dict, meta: dict, rng: dict) -> None:
+def _save_resume_state(path: Path, model, optimizer, state: dict, meta: dict, rng: dict, elapsed: float) -> None:
     save_checkpoint(path, {
         "state_dict": _cpu_copy(model.state_dict()),
         "optimizer": optimizer.state_dict(),
         "trainer": state,
         "rng": rng,
         "meta": meta,
+        "elapsed_seconds": elapsed,
     })
 
 

@@ -92,11 +92,16 @@ class Report:
             recorded = self.recorded(name, stage, overrides)
             if recorded is not None:  # what it needed was this run (Stage II of the selectivity study)
                 return recorded
-        started = time.perf_counter()
+        from trainer import resumed_seconds
+
+        started, earlier = time.perf_counter(), resumed_seconds()
         metrics = self.call(stage, overrides, folder)
-        # the wall time of what this call ran (nothing was reused by the stage when it trained), and where
-        write_text_atomic(folder / "seconds.json", json.dumps({"seconds": time.perf_counter() - started,
-                                                               "machine": machine()}) + "\n")
+        # the wall time of what this call ran (nothing was reused by the stage when it trained) and of the
+        # earlier pieces of a training it resumed, and where
+        timing = {"seconds": time.perf_counter() - started + resumed_seconds() - earlier, "machine": machine()}
+        if resumed_seconds() > earlier:
+            timing["resumed_seconds"] = resumed_seconds() - earlier
+        write_text_atomic(folder / "seconds.json", json.dumps(timing) + "\n")
         return metrics
 
     def recorded(self, name: str, stage: str, overrides: list[str]) -> dict | None:

@@ -21,6 +21,10 @@ for every target domain in one pass, each in a fresh child process so that its
 peak memory is its own. The first `--rows` rows of `full.train` are decoded and
 the time is extrapolated to all rows (decoding time is linear in the rows).
 
+`previous`: the decoder of an earlier commit (`--commit`, read from git) against this one, on ACDT
+with trained Stage I checkpoints (overrides as for `exact`), one target and four: the decisions
+must be identical; prints both times.
+
 `exact`: on ACDT with the Stage I checkpoints of the default configuration (`python pretrain.py`
 makes them; Hydra overrides such as `checkpoint_dir=...` may follow), every target domain decoded with the certified float32 rule and with float64
 throughout: the decisions must be identical; prints how many positions float32 left to float64.
@@ -163,46 +167,105 @@ def acdt(plain_rows: int) -> None:
           f"{plain_all:.2f} | {plain_all / one:.1f}x the project |")
 
 
+def next_item_domains(rows: SequenceRows, domains, max_len: int = 128) -> np.ndarray:
+    """(n_domains + 1,) how many positions of `rows` predict an item of each domain (those with a
+    history: every item of a row's last `max_len` but the first)."""
+    lengths = np.minimum(rows.lengths, max_len)
+    counts = np.zeros(domains.n_domains + 1, dtype=np.int64)
+    for end, length in zip(rows.offsets[1:], lengths):  # once per row of the share benchmarked, not a hot path
+        counts += np.bincount(domains.domain_of(rows.items[end - length + 1:end]), minlength=len(counts))
+    return counts
+
+
+def source_positions(counts: np.ndarray, targets: list[int]) -> int:
+    """Positions decided for `targets`, one per target: those whose next item is of another domain."""
+    return sum(int(counts[d]) for t in targets for d in range(1, len(counts)) if d != t)
+
+
+def logit_rows(counts: np.ndarray, targets: list[int]) -> int:
+    """Rows of logits over all N items that deciding `targets` needs at the least: at each position
+    whose next item lies in domain d and is a source item of some target t != d, the base model's,
+    expert d's and each such target's expert's (the matmul floor counts these)."""
+    wanted = {d: sum(1 for t in targets if t != d) for d in range(1, len(counts))}
+    return sum(int(counts[d]) * (2 + k) for d, k in wanted.items() if k)
+
+
+def matmul_rate(n_items: int, device: str, hidden: int = 128, positions: int = 512) -> float:
+    """FLOP/s of the logits matmul ((positions, hidden) x (hidden, n_items), float32) on this machine now."""
+    h, W = torch.randn(positions, hidden, device=device), torch.randn(n_items, hidden, device=device)
+    out = torch.empty(positions, n_items, device=device)
+    torch.mm(h, W.T, out=out)
+    runs, started = 5, time.perf_counter()
+    for _ in range(runs):
+        torch.mm(h, W.T, out=out)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return runs * 2 * positions * hidden * n_items / (time.perf_counter() - started)
+
+
 def _decode(targets: list[int], n_rows: int, device: str, memory_gb: float,
-            certified: bool = True) -> tuple[float, int, int, float, float]:
+            how: str = "certified") -> tuple[float, float, int, int, float, float]:
     dataset = PreparedDataset(project_path("dataset"), "SYN_BEST")
     rows = dataset.rows("full.train")
     subset = first_rows(rows, n_rows)
     base, experts = random_models(dataset.domains.n_items, dataset.domains.n_domains, torch.device(device))
-    started = time.perf_counter()
-    results = regenerate(subset, dataset.domains, targets, base, experts, DecodingRule(), max_len=128,
-                         batch_size=32, memory_gb=memory_gb, device=torch.device(device), certified_float32=certified)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
-    positions = sum(r.report["source_items_seen"] for r in results.values())
+
+    def run(part: SequenceRows) -> float:
+        started = time.perf_counter()
+        if how == "reference":  # one target; 4 rows a batch, or its (B, 128, N + 1) logits of five models take 16 GB
+            reference_strategy(part, dataset.domains, targets[0], base, experts, DecodingRule(), batch_size=4)
+        else:
+            regenerate(part, dataset.domains, targets, base, experts, DecodingRule(), max_len=128, batch_size=32,
+                       memory_gb=memory_gb, device=torch.device(device), certified_float32=how != "float64",
+                       fused=None if how == "certified" else False)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    warm_up = run(first_rows(rows, 2))  # one-off costs (the kernels' compilation), not extrapolated
+    seconds = run(subset)
+    positions = source_positions(next_item_domains(subset, dataset.domains), targets)
     gpu_peak = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else 0.0
     rss = peak_rss_bytes() / 1e9
-    return seconds, len(rows), positions, rss, gpu_peak
+    return warm_up, seconds, len(rows), positions, rss, gpu_peak
 
 
-def best(n_rows: int, device: str, memory_gb: float) -> None:
+def best(n_rows: int, device: str, memory_gb: float, reference_rows: int) -> None:
     from dataset.prepare import prepare_files
     from dataset.synthetic import BEST_SIZED, generate_raw
 
     if not (project_path("dataset") / "SYN_BEST" / "manifest.json").is_file():
         raw = generate_raw(project_path("dataset/raw/SYN_BEST"), BEST_SIZED, progress=True)
         prepare_files(raw, project_path("dataset/SYN_BEST"), "SYN_BEST", progress=True)
-    domains = PreparedDataset(project_path("dataset"), "SYN_BEST").domains
-    print(f"SYN_BEST (BEST_SIZED): {domains.n_items} items; first {n_rows} rows of full.train decoded; "
-          f"device {device}, {torch.get_num_threads()} CPU threads, memory budget {memory_gb} GB")
-    print("| targets | rule | rows decoded | seconds | source positions/s | all rows (extrapolated) | peak RSS GB | peak GPU GB |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    dataset = PreparedDataset(project_path("dataset"), "SYN_BEST")
+    domains, rows = dataset.domains, dataset.rows("full.train")
+    rate = matmul_rate(domains.n_items, device)
+    print(f"SYN_BEST (BEST_SIZED): {domains.n_items} items, {len(rows)} rows; first {n_rows} rows of full.train "
+          f"decoded ({reference_rows} by the reference strategy); device {device}, {torch.get_num_threads()} CPU "
+          f"threads, memory budget {memory_gb} GB; logits matmul at {rate / 1e9:.0f} GFLOP/s here")
+    print("| decoding | targets | rows | warm-up s | seconds | source positions/s | all rows (extrapolated) | "
+          "floor: logits matmuls, all rows | over the floor | peak RSS GB | peak GPU GB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     every = list(range(1, domains.n_domains + 1))
-    for targets, certified in (([1], True), ([1], False), (every, True)):
+    runs = (("project (certified float32 rule, compiled where a CPU can)", [1], "certified", n_rows),
+            ("project, the rule not compiled", [1], "eager", n_rows),
+            ("project, the rule in float64 throughout", [1], "float64", n_rows),
+            ("reference strategy (float32 rule, 4 rows a batch)", [1], "reference", reference_rows),
+            ("project, all four in one pass", every, "certified", n_rows),
+            ("project, all four in one pass, the rule not compiled", every, "eager", n_rows))
+    for name, targets, how, n in runs:
+        if n <= 0:
+            continue
         # each in a fresh child process, so that its peak memory is its own
         with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            seconds, total_rows, positions, rss, gpu_peak = pool.submit(_decode, targets, n_rows, device,
-                                                                         memory_gb, certified).result()
-        extrapolated = seconds * total_rows / min(n_rows, total_rows)
-        print(f"| {','.join(f'dom{t}' for t in targets)} | {'certified float32' if certified else 'float64'} | "
-              f"{min(n_rows, total_rows)} | {seconds:.1f} | {positions / seconds:.0f} | {extrapolated / 3600:.1f} h | "
-              f"{rss:.2f} | {gpu_peak:.2f} |", flush=True)
+            warm_up, seconds, total_rows, positions, rss, gpu_peak = pool.submit(_decode, targets, n, device,
+                                                                                  memory_gb, how).result()
+        share = min(n, total_rows) / total_rows
+        extrapolated = seconds / share
+        floor = 2 * 128 * domains.n_items * logit_rows(next_item_domains(first_rows(rows, n), domains), targets) / rate / share
+        print(f"| {name} | {','.join(f'dom{t}' for t in targets)} | {min(n, total_rows)} | {warm_up:.1f} | {seconds:.1f} | "
+              f"{positions / seconds:.0f} | {extrapolated / 3600:.2f} h | {floor / 3600:.2f} h | "
+              f"{extrapolated / floor:.1f}x | {rss:.2f} | {gpu_peak:.2f} |", flush=True)
 
 
 def exact(overrides: list[str]) -> None:
@@ -236,21 +299,66 @@ def exact(overrides: list[str]) -> None:
           f"decided positions left to float64 by the certified rule; {fast_s:.1f} s certified, {slow_s:.1f} s float64")
 
 
+def previous(commit: str, overrides: list[str]) -> None:
+    """The decoder of an earlier commit against this one, in one run, on ACDT's trained Stage I
+    checkpoints: its `model/regeneration.py` and `model/contrastive.py`, read from git into a
+    temporary folder and imported beside the current ones; the decisions must be identical."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    from decoding import load_stage1
+    from model.regeneration import decode_rows
+    from pipeline.settings import compose
+
+    modules = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for name in ("contrastive", "regeneration"):
+            source = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:model/{name}.py"], check=True,
+                                    capture_output=True, text=True).stdout
+            source = source.replace("from model.contrastive import", "from previous_contrastive import")
+            path = Path(folder) / f"previous_{name}.py"
+            path.write_text(source)
+            spec = importlib.util.spec_from_file_location(f"previous_{name}", path)
+            modules[name] = importlib.util.module_from_spec(spec)
+            sys.modules[f"previous_{name}"] = modules[name]
+            spec.loader.exec_module(modules[name])
+    cfg = compose("decoding", overrides)
+    dataset = PreparedDataset(project_path(cfg.data_path), cfg.dataset.name)
+    models = load_stage1(cfg, dataset, torch.device("cpu"))  # stops, naming the command, if they are missing
+    experts = {d: models[f"dom{d}"] for d in range(1, dataset.domains.n_domains + 1)}
+    rows = dataset.rows("full.train")
+    print(f"ACDT full.train, trained Stage I of seed {cfg.seed}; commit {commit} against the working tree, "
+          f"CPU, {torch.get_num_threads()} threads")
+    for targets in ([4], list(experts)):
+        ours, seconds = timed(decode_rows, rows, dataset.domains, targets, models["full"], experts, DecodingRule(),
+                              max_len=cfg.dataset.max_seq_len)
+        theirs, before = timed(modules["regeneration"].decode_rows, rows, dataset.domains, targets, models["full"],
+                               experts, modules["contrastive"].DecodingRule(), max_len=cfg.dataset.max_seq_len)
+        same = all(np.array_equal(a, b) for t in targets for a, b in zip(ours[t], theirs[t]))
+        print(f"targets {targets}: identical decisions {same}; {commit} {before:.2f} s, now {seconds:.2f} s, "
+              f"{before / seconds:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("acdt", "best", "exact"))
+    parser.add_argument("what", choices=("acdt", "best", "exact", "previous"))
+    parser.add_argument("--commit", default="f003558", help="previous: the commit whose decoder to compare with")
     parser.add_argument("--plain-rows", type=int, default=80, help="acdt: rows the plain decoder decodes")
     parser.add_argument("--rows", type=int, default=2000, help="best: rows decoded per target domain")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--reference-rows", type=int, default=20, help="best: rows the reference strategy decodes")
     parser.add_argument("--memory-gb", type=float, default=2.0, help="best: memory budget of the scored positions")
     parser.add_argument("overrides", nargs="*", help="exact: Hydra overrides of the decoding config (checkpoint_dir=...)")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     if args.what == "acdt":
         acdt(args.plain_rows)
     elif args.what == "exact":
         exact(args.overrides)
+    elif args.what == "previous":
+        previous(args.commit, args.overrides)
     else:
-        best(args.rows, args.device, args.memory_gb)
+        best(args.rows, args.device, args.memory_gb, args.reference_rows)
 
 
 if __name__ == "__main__":

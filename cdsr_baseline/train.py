@@ -35,7 +35,7 @@ from pipeline.distributed import World, process_group  # noqa: E402
 from pipeline.runs import RunLogger, finish_run, run_folder, seed_everything, user_errors  # noqa: E402
 from pipeline.schema import ConfigError  # noqa: E402
 from pipeline.settings import baseline_settings, train_config  # noqa: E402
-from trainer import Evaluation, check_meta, evaluate, fit, load_checkpoint, resume_file  # noqa: E402
+from trainer import Evaluation, check_meta, evaluate, fit, load_checkpoint, resume_file, resumed_seconds  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,11 @@ def _run_baseline(cfg: DictConfig, world: World) -> dict:
     else:
         if cfg.overwrite:
             resume_file(checkpoint).unlink(missing_ok=True)
-        started = time.perf_counter()
+        started, earlier = time.perf_counter(), resumed_seconds()
         fit(model, lambda m, b: m.loss(b), loader(dataset.rows("full.train"), True, training.batch_size), training,
             checkpoint=checkpoint, meta=meta, valid=evaluations("valid"), select_on=cfg.select_on,
             resume=cfg.resume, logger=logger, log_prefix=cfg.model.name, progress=cfg.progress, device=device)
-        train_seconds = time.perf_counter() - started
+        train_seconds = time.perf_counter() - started + resumed_seconds() - earlier  # a resumed run: every piece
         saved = load_checkpoint(checkpoint)
     valid, test, test_ranks = {}, {}, {}
     for dom, evaluation in evaluations("test").items():

@@ -17,6 +17,7 @@ global softmaxes include padding; here they run over the N real items only.
 """
 
 import contextlib
+import logging
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -25,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from model.losses import in_range
+
+_log = logging.getLogger(__name__)
 
 EPS = 1e-10  # the reference's guard in log(p + EPS) and in the normalisers of alpha and beta
 LOG2 = math.log(2.0)
@@ -226,21 +229,50 @@ def decode(
     positions whose decision the bound cannot settle are decided again in float64 (see
     `_scores_float32`): the same decisions at about half the cost.
     """
+    return decode_targets({0: z_target}, z_source, z_mix, {0: target_range}, rule, certified_float32)[0]
+
+
+def decode_targets(
+    z_targets: dict[int, torch.Tensor],
+    z_source: torch.Tensor | None,
+    z_mix: torch.Tensor | None,
+    target_ranges: dict[int, tuple[int, int]],
+    rule: DecodingRule = DecodingRule(),
+    certified_float32: bool = True,
+    fused: bool = False,
+) -> dict[int, Decision]:
+    """`decode` for several target domains at the same P positions, by target: `z_targets[t]` is
+    target t's expert's logits and `target_ranges[t]` its id range. What does not depend on the
+    target (the transfer reward from the base model and the source expert) is computed once;
+    each target's decisions are those `decode` takes for it alone. `fused`: the certified float32
+    rule's global scores by compiled kernels (`_Fused`; worth their compile time at tens of
+    thousands of items), the same decisions."""
     if not isinstance(rule, DecodingRule):
         raise ValueError(f"rule must be a DecodingRule, got {type(rule).__name__}")
-    given = {"z_target": z_target, "z_source": z_source, "z_mix": z_mix}
-    given = {name: z for name, z in given.items() if z is not None}  # no source experts: w/o SDE
-    if "z_target" not in given:
-        raise ValueError("z_target is required")
-    for name, z in given.items():
-        if not isinstance(z, torch.Tensor) or z.ndim != 2:
-            raise ValueError(f"{name} must be a (P, N) tensor, got {getattr(z, 'shape', type(z).__name__)}")
-    _check_same_shape(**given)
-    lo, hi = _check_range(target_range, z_target.shape[1])
-    if (certified_float32 and rule.weights == "elementwise" and _PRECISION[-1] == torch.float64
-            and all(z.dtype == torch.float32 for z in given.values())):
-        return _decode_certified(z_target, z_source, z_mix, (lo, hi), rule)
-    return _decode_in_precision(z_target, z_source, z_mix, (lo, hi), rule)
+    if set(z_targets) != set(target_ranges):
+        raise ValueError(f"z_targets and target_ranges must name the same targets, got {sorted(z_targets)} "
+                         f"and {sorted(target_ranges)}")
+    shared = {"z_source": z_source, "z_mix": z_mix}
+    shared = {name: z for name, z in shared.items() if z is not None}  # no source experts: w/o SDE
+    ranges, float32 = {}, all(z.dtype == torch.float32 for z in shared.values())
+    for t, z_target in z_targets.items():
+        given = {"z_target": z_target, **shared}
+        if z_target is None:
+            raise ValueError("z_target is required")
+        for name, z in given.items():
+            if not isinstance(z, torch.Tensor) or z.ndim != 2:
+                raise ValueError(f"{name} must be a (P, N) tensor, got {getattr(z, 'shape', type(z).__name__)}")
+        _check_same_shape(**given)
+        ranges[t] = _check_range(target_ranges[t], z_target.shape[1])
+        float32 &= z_target.dtype == torch.float32
+    if not (certified_float32 and rule.weights == "elementwise" and _PRECISION[-1] == torch.float64 and float32):
+        return {t: _decode_in_precision(z, z_source, z_mix, ranges[t], rule) for t, z in z_targets.items()}
+    # the global scores' transfer half, shared by the targets (the local scores' is per target range)
+    # one row goes eagerly: a compiled kernel specialises a size of 1, and would compile again for it
+    kernels = FUSED if fused and next(iter(z_targets.values())).shape[0] > 1 else EAGER
+    transfer = (kernels.transfer(z_source, z_mix)
+                if rule.source_experts and rule.global_test and len(z_targets) > 1 else None)
+    return {t: _decode_certified(z, z_source, z_mix, ranges[t], rule, transfer, kernels) for t, z in z_targets.items()}
 
 
 def _decode_in_precision(z_target, z_source, z_mix, target_range: tuple[int, int], rule: DecodingRule) -> Decision:
@@ -289,12 +321,16 @@ def _decode_in_precision(z_target, z_source, z_mix, target_range: tuple[int, int
 #   relerr(s) <= u R,  R = log C + 2F + 2 + 15   (the terms' own errors: a p-weighted mean of
 #                                                 relerr(exp d) <= u (|d| + 2F), E_p|d| <= log C)
 #   relerr(p(v)) <= u (|d(v)| + R + 1),   |err log p(v)| <= u (2 |log p(v)| + K),  K = R + 2F log C,
-# using |d(v)| <= |log p(v)|. Domain confidence: H(v) = -p log(p + EPS) errs by at most u K_H,
+# using |d(v)| <= |log p(v)|. Domain confidence: H(v) = -p log(p + EPS) is computed as
+# p ((max z - z) + log s) = -p log p, without a logarithm per item: log p so formed errs by at most
+# u (|d| + |log p| + K) <= u (2 |log p| + K) as above, and -p log p exceeds -p log(p + EPS) by
+# p log1p(EPS / p) in [0, EPS]. In float32 H errs by at most u K_H,
 #   K_H = 4/e^2 + (R + 2F + 4)/e + R + 3
 # (p (x + R') (1 + x) + ... with x = -log p, and max x^k e^-x = (k/e)^k), and as
 # D = 1 - max H + EPS >= 1 - 1/e and alpha <= 1 / (1 - 1/e) = 1.582, alpha errs by at most
 #   u A,  A = (2.582 K_H + 4.2) / 0.632 + 1.6,
-# so the first term of S errs by at most u max|z_target| (A + 6).
+# plus 2.582 EPS / 0.632 < 5 EPS for the dropped EPS; so the first term of S errs by at most
+# (u (A + 6) + 5 EPS) max|z_target|.
 #
 # Transfer reward: B = 2 log m - log p_mix - log p_source is computed as 2 log cosh(t / 2) with
 # t = log p_source - log p_mix = (z_source - z_mix) - (lse_source - lse_mix), the same number
@@ -309,7 +345,8 @@ def _decode_in_precision(z_target, z_source, z_mix, target_range: tuple[int, int
 #   e_J = u (J_max (M + R + 6F + 11) + 0.76 E_t sqrt(m_max J_max)),
 # with m_max <= (max p_mix + max p_source) / 2. beta = J / (J_max + EPS) errs by at most
 #   e_beta = 2 e_J / (J_max + EPS - e_J) + 2u   (unbounded, so undecided, when J_max is that small),
-# and the second term of S by (e_beta + 2u) max|z_source|. delta is twice the sum: a margin for the
+# and the second term of S by (e_beta + 2u) max|z_source|. (The code forms 4 J = (p_mix + p_source)
+# log cosh(t/2), and beta = 4 J / (4 J_max + 4 EPS): scaling by a power of two rounds nothing.) delta is twice the sum: a margin for the
 # second-order terms and for kernels less accurate than assumed. tests/test_contrastive.py checks
 # |S32 - S64| <= delta, also on logits built to make beta ill-conditioned.
 
@@ -326,6 +363,8 @@ class _Distribution(NamedTuple):
     max_surprise: torch.Tensor  # (P, 1) max over columns of -log p
     abs_max: torch.Tensor  # (P, 1) max |z|
     p_max: torch.Tensor  # (P, 1)
+    top: torch.Tensor  # (P, 1) max z
+    log_s: torch.Tensor  # (P, 1) log of the row sum of exp(z - top): log p = z - top - log_s
 
 
 _PARTIAL = 16  # terms per float32 partial sum in `_row_sum`
@@ -353,38 +392,99 @@ def _distribution32(z: torch.Tensor) -> _Distribution:
     p_max = torch.exp(-log_s)
     return _Distribution(p=e.mul_(p_max), lse=top + log_s, K=R + 2 * _FUNCTION_ULPS * log_C, R=R,
                          max_surprise=log_s + (top - bottom), abs_max=torch.maximum(top.abs(), bottom.abs()),
-                         p_max=p_max)
+                         p_max=p_max, top=top, log_s=log_s)
+
+
+class _Transfer32(NamedTuple):
+    """The target-independent half of the float32 scores: computed once per position and shared by
+    every target domain decided there (it depends on the base model and the source expert only)."""
+
+    penalty: torch.Tensor  # (P, C) beta * z_source
+    error: torch.Tensor  # (P, 1) bound on the penalty's error (before _SAFETY)
+
+
+def _transfer_float32(z_source: torch.Tensor, z_mix: torch.Tensor) -> _Transfer32:
+    """beta * z_source in float32 and the bound on its error (the transfer reward part of the bound above)."""
+    u, F = _U32, _FUNCTION_ULPS
+    mix, source = _distribution32(z_mix), _distribution32(z_source)
+    c = source.lse - mix.lse
+    quarter_t = (z_source - z_mix).sub_(c).mul_(0.25)
+    # 4 J = (p_mix + p_source) log cosh(t/2), log cosh x = log1p(2 sinh(x/2)^2); past |t/2| = 80
+    # sinh^2 overflows float32 and log cosh x = |x| - log 2 there
+    far = quarter_t.abs() > 40
+    # (a compiled kernel takes the branch always: it costs nothing fused, and a data-dependent test would split it)
+    log_cosh = quarter_t.clone() if torch.compiler.is_compiling() or far.any() else None
+    J4 = quarter_t.sinh_().square_().mul_(2).log1p_()
+    if log_cosh is not None:
+        J4 = torch.where(far, log_cosh.abs_().mul_(2).sub_(LOG2), J4)
+    J4.mul_(mix.p.add_(source.p))
+    J4_max = J4.amax(dim=-1, keepdim=True)
+    J_max = J4_max / 4
+    penalty = J4.div_(J4_max + 4 * EPS).mul_(z_source)
+    R = torch.maximum(mix.R, source.R)
+    M = torch.maximum(mix.max_surprise, source.max_surprise)
+    E_t = 2 * c.abs() + mix.lse.abs() + source.lse.abs() + mix.K + source.K
+    m_max = (mix.p_max + source.p_max) / 2
+    e_J = u * (J_max * (M + R + 6 * F + 11) + 0.76 * E_t * torch.sqrt(m_max * J_max))
+    room = J_max + EPS - e_J
+    e_beta = torch.where(room > 0, 2 * e_J / room.clamp_min(EPS), math.inf) + 2 * u
+    return _Transfer32(penalty, (e_beta + 2 * u) * source.abs_max)
+
+
+def _confidence_float32(z_target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1 + alpha) * z_target in float32 (P, C) and the bound on its error (P, 1), before _SAFETY."""
+    u, F = _U32, _FUNCTION_ULPS
+    target = _distribution32(z_target)
+    H = torch.sub(target.top, z_target).add_(target.log_s).mul_(target.p)  # -p log p
+    inverse_D = 1 / (1 - H.amax(dim=-1, keepdim=True) + EPS)
+    scores = H.mul_(-inverse_D).add_(1 + inverse_D).mul_(z_target)
+    K_H = 4 / math.e**2 + (target.R + 2 * F + 4) / math.e + target.R + 3
+    return scores, target.abs_max * (u * ((2.582 * K_H + 4.2) / 0.632 + 1.6 + 6) + 5 * EPS)
+
+
+class _Fused:
+    """`function` compiled by torch.compile into fused loops (one trip through memory where eager
+    PyTorch makes a dozen), or `function` itself where no compiler works: the first failure is
+    logged and the eager function used from then on. The bound above holds for either: a compiled
+    exp, log1p or sinh is as accurate as the eager one, and fusing only removes roundings."""
+
+    def __init__(self, function):
+        self.function, self.compiled, self.failed = function, None, False
+
+    def __call__(self, *tensors: torch.Tensor):
+        if not self.failed:
+            try:
+                if self.compiled is None:
+                    self.compiled = torch.compile(self.function, dynamic=False)
+                for tensor in tensors:  # one kernel for every number of rows; the columns stay fixed
+                    torch._dynamo.mark_dynamic(tensor, 0)
+                return self.compiled(*tensors)
+            except Exception as error:  # no C++ compiler, an unsupported platform, ...
+                _log.warning("the float32 rule runs unfused: torch.compile failed (%s: %s)",
+                             type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+                self.failed = True
+        return self.function(*tensors)
+
+
+class _Kernels(NamedTuple):
+    confidence: object  # z_target -> (scores, error)
+    transfer: object  # (z_source, z_mix) -> _Transfer32
+
+
+EAGER = _Kernels(_confidence_float32, _transfer_float32)
+FUSED = _Kernels(_Fused(_confidence_float32), _Fused(_transfer_float32))
 
 
 def _scores_float32(z_target: torch.Tensor, z_source: torch.Tensor | None, z_mix: torch.Tensor | None,
-                    source_experts: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(S32 (P, C), delta (P,)): the elementwise rule's scores in float32 and the bound above on their error."""
-    u, F = _U32, _FUNCTION_ULPS
-    target = _distribution32(z_target)
-    H = torch.log(target.p + EPS).mul_(target.p).neg_()
-    denominator = 1 - H.amax(dim=-1, keepdim=True) + EPS
-    scores = H.neg_().add_(1).div_(denominator).add_(1).mul_(z_target)  # (1 + alpha) z_target
-    K_H = 4 / math.e**2 + (target.R + 2 * F + 4) / math.e + target.R + 3
-    error = u * target.abs_max * ((2.582 * K_H + 4.2) / 0.632 + 1.6 + 6)
+                    source_experts: bool, transfer: _Transfer32 | None = None,
+                    kernels: _Kernels = EAGER) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S32 (P, C), delta (P,)): the elementwise rule's scores in float32 and the bound above on their error.
+    `transfer`: the transfer half already computed from z_source and z_mix (shared across targets)."""
+    scores, error = kernels.confidence(z_target)
     if source_experts:
-        mix, source = _distribution32(z_mix), _distribution32(z_source)
-        c = source.lse - mix.lse
-        half_t = (z_source - z_mix).sub_(c).mul_(0.5).abs_()
-        # J = m log cosh(t/2) (= m B / 2); past |t/2| = 80 sinh overflows and log cosh x = |x| - log 2
-        J = torch.where(half_t > 80, half_t - LOG2, half_t.clamp(max=80).mul_(0.5).sinh_().square_().mul_(2).log1p_())
-        J.mul_(mix.p.add_(source.p)).mul_(0.5)
-        del half_t
-        J_max = J.amax(dim=-1, keepdim=True)
-        scores.sub_(J.div_(J_max + EPS).mul_(z_source))
-        R = torch.maximum(mix.R, source.R)
-        M = torch.maximum(mix.max_surprise, source.max_surprise)
-        E_t = 2 * c.abs() + mix.lse.abs() + source.lse.abs() + mix.K + source.K
-        m_max = (mix.p_max + source.p_max) / 2
-        e_J = u * (J_max * (M + R + 6 * F + 11) + 0.76 * E_t * torch.sqrt(m_max * J_max))
-        room = J_max + EPS - e_J
-        e_beta = torch.where(room > 0, 2 * e_J / room.clamp_min(EPS), math.inf) + 2 * u
-        error = error + (e_beta + 2 * u) * source.abs_max
-
+        transfer = transfer or kernels.transfer(z_source, z_mix)
+        scores.sub_(transfer.penalty)
+        error = error + transfer.error
     return scores, (_SAFETY * error).squeeze(-1)
 
 
@@ -414,8 +514,10 @@ def _max_outside(scores: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.maximum(*parts)
 
 
-def _decode_certified(z_target, z_source, z_mix, target_range: tuple[int, int], rule: DecodingRule) -> Decision:
-    """`decode` in float32 where the error bound settles the decision, in float64 elsewhere."""
+def _decode_certified(z_target, z_source, z_mix, target_range: tuple[int, int], rule: DecodingRule,
+                      transfer: _Transfer32 | None = None, kernels: _Kernels = EAGER) -> Decision:
+    """`decode` in float32 where the error bound settles the decision, in float64 elsewhere;
+    `transfer`: the global scores' transfer half, when already computed for another target."""
     lo, hi = target_range
     R_T = slice(lo - 1, hi - 1)
     shift = 1 if rule.reference_shift else 0
@@ -431,7 +533,7 @@ def _decode_certified(z_target, z_source, z_mix, target_range: tuple[int, int], 
         convertible = torch.ones(len(items), dtype=torch.bool, device=items.device)
         settled = _apart(best, second, delta)
     else:
-        G, delta = _scores_float32(*inputs, rule.source_experts)
+        G, delta = _scores_float32(*inputs, rule.source_experts, transfer, kernels)
         best_in, best_out = G[:, R_T].amax(dim=-1), _max_outside(G, lo, hi)
         convertible = best_in > best_out
         settled = _apart(torch.maximum(best_in, best_out), torch.minimum(best_in, best_out), delta)

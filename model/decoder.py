@@ -318,17 +318,21 @@ class TaesarDecoder(nn.Module):
         x = self.encode(items, last_block=False)
         return self.blocks[-1].forward_at(x, positions)
 
-    def logits(self, hidden: torch.Tensor, item_range: tuple[int, int] | None = None) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, item_range: tuple[int, int] | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
         """(..., H) states -> (..., hi - lo) scores h E[lo:hi]^T; column j is item lo + j.
 
         None scores all real items (lo = 1). Gather the states you need before calling, so that a
-        (B, L, N) tensor is built only when it is wanted.
+        (B, L, N) tensor is built only when it is wanted. `out`: a (P, hi - lo) buffer to write
+        (P, H) states' scores into (Stage II reuses one, rather than fault in fresh pages per chunk).
         """
         lo, hi = self.all_items if item_range is None else item_range
         if not 1 <= lo < hi <= self.config.n_items + 1:
             raise ValueError(
                 f"item_range {item_range} is not a non-empty range inside 1..{self.config.n_items}"
             )
+        if out is not None:
+            return torch.mm(hidden, self.item_emb.weight[lo:hi].T, out=out)
         return hidden @ self.item_emb.weight[lo:hi].T
 
 

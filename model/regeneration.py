@@ -1,10 +1,11 @@
 """Stage II over a whole training split: teacher-forced contrastive decoding, then post-processing.
 
-Every batch of rows is encoded once per model and every position with a next
-item scored once per model; the decisions of every target domain asked for
-come from those logits (a target's source positions are those whose next item
-is of another domain), so one pass decodes all target domains. Positions are
-scored in chunks sized from a memory budget, so memory stays bounded for large
+Every batch of rows is encoded once per model. A position is a source position
+of every target domain but its next item's, and is scored once by each model
+those targets need; the decisions of every target domain asked for come from
+those logits, sharing what does not depend on the target, so one pass decodes
+all target domains. Logits are computed in chunks sized from a memory budget
+and decided in cache-sized blocks, so memory stays bounded for large
 vocabularies. The decisions land in a flat array aligned with the input items,
 and everything after that (filtering, collapsing repeats, statistics, the
 mapping) is vectorised over that array. File writing is the caller's business.
@@ -20,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from data import DomainRanges, SequenceLoader, SequenceRows
-from model.contrastive import DecodingRule, decode
+from model.contrastive import DecodingRule, decode_targets
 from model.decoder import TaesarDecoder
 
 log = logging.getLogger(__name__)
@@ -36,15 +37,25 @@ class Regeneration:
     mapping: dict[int, dict[int, int]] = field(default_factory=dict)  # source item -> target item -> count
 
 
-# Bytes a scored position needs: its logits under the base model and every expert (float32), and the
-# rule's float64 working set for one target (three inputs, the score and about eight temporaries).
-BYTES_PER_ITEM_AND_MODEL, RULE_BYTES_PER_ITEM = 4, 12 * 8
+# Bytes a scored position needs: its logits under the base model, its source expert and each target's
+# expert (float32). The rule then runs on blocks of BLOCK_BYTES of logits a model: its dozen passes
+# stay in cache, and its temporaries are small enough for the allocator to reuse, where (P, N)
+# tensors of the paper's size (tens of MB) were mapped afresh and page-faulted on every pass.
+BYTES_PER_ITEM_AND_MODEL, BLOCK_BYTES = 4, 2 ** 22
+# From this many items on, the float32 rule runs in compiled kernels on a CPU (model.contrastive._Fused):
+# several times less time for the rule at the paper's 191,652 items, against a one-off compile of ~20 s.
+FUSE_FROM_ITEMS = 20_000
 
 
 def positions_per_chunk(memory_gb: float, n_items: int, n_models: int) -> int:
     """How many positions to score at once within a memory budget of `memory_gb` (at least one)."""
-    per_position = n_items * (BYTES_PER_ITEM_AND_MODEL * n_models + RULE_BYTES_PER_ITEM)
+    per_position = n_items * BYTES_PER_ITEM_AND_MODEL * n_models
     return max(1, int(memory_gb * 1e9 // per_position))
+
+
+def positions_per_block(n_items: int) -> int:
+    """How many positions the rule decides at once: BLOCK_BYTES of float32 logits (at least one)."""
+    return max(1, BLOCK_BYTES // (n_items * BYTES_PER_ITEM_AND_MODEL))
 
 
 @contextlib.contextmanager
@@ -75,9 +86,11 @@ def decode_rows(
     batch_size: int = 32,
     memory_gb: float = 2.0,
     chunk: int | None = None,
+    block: int | None = None,
     device: torch.device = torch.device("cpu"),
     progress: bool = False,
     certified_float32: bool = True,
+    fused: bool | None = None,
 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Decide every source item that has a history, for each target domain of `targets`.
 
@@ -86,14 +99,18 @@ def decode_rows(
     one without a history: the first item of a row, or one older than the `max_len` window);
     `convertible` marks the source items that passed the global test.
 
-    Each batch of rows is encoded once by every model, and every position with a next item is
-    scored once by every model (the logits a target's decisions need: its expert's, the next
-    item's own domain expert's and the base model's); the decisions of every target come from
-    those (by the rule in float32 where its error bound settles them, else in float64: the
-    decisions are float64's either way; `certified_float32=False` takes float64 throughout).
-    Positions are scored in chunks sized from `memory_gb` (or `chunk` positions). The
-    chunks, and so every input of the rule, are the same whichever targets are asked for: one
-    run for all targets writes the same decisions as one run per target.
+    Each batch of rows is encoded once by every model. Its positions are taken by the domain d
+    of the item they predict: those are source positions of every target t != d, and need the
+    logits of three kinds of model only, the base model's, expert d's (the source expert) and
+    each such target's expert, each computed once however many targets share it. The rule then
+    decides every target at once on blocks of `block` positions (sized from BLOCK_BYTES), sharing
+    the transfer reward, which does not depend on the target; by the rule in float32 where its
+    error bound settles the decision, else in float64: the decisions are float64's either way
+    (`certified_float32=False` takes float64 throughout). Logits are computed for `chunk`
+    positions at a time (sized from `memory_gb`). A position's decision depends on its own logits
+    only, so one run for all targets writes the same decisions as one run per target.
+    `fused`: the rule's global scores by compiled kernels (None: on a CPU from FUSE_FROM_ITEMS
+    items on), the same decisions.
     """
     item_domain = domains.domain_of(rows.items)
     results = {t: (np.where(item_domain == t, rows.items, 0), np.zeros(len(rows.items), dtype=bool)) for t in targets}
@@ -101,7 +118,20 @@ def decode_rows(
     models = [base, *(experts[d] for d in range(1, domains.n_domains + 1))]  # index 0: M, d: E_d
     for model in models:
         model.eval()
-    chunk = chunk or positions_per_chunk(memory_gb, domains.n_items, len(models))
+    # the targets decided at the positions whose next item lies in domain d
+    decided_at = {d: [t for t in targets if t != d] for d in range(1, domains.n_domains + 1)}
+    logit_rows = 2 + max(len(wanted) for wanted in decided_at.values())
+    chunk = chunk or positions_per_chunk(memory_gb, domains.n_items, logit_rows)
+    block = block or positions_per_block(domains.n_items)
+    ranges = {t: domains.range(t) for t in targets}
+    if fused is None:
+        fused = torch.device(device).type == "cpu" and domains.n_items >= FUSE_FROM_ITEMS
+    buffers: list[torch.Tensor] = []  # one (chunk, N) logits buffer per model a source domain needs
+
+    def logits(model: TaesarDecoder, states: torch.Tensor, slot: int) -> torch.Tensor:
+        if slot == len(buffers):
+            buffers.append(torch.empty(min(chunk, len(rows.items)), domains.n_items, device=device))
+        return model.logits(states, out=buffers[slot][: len(states)])
 
     loader = SequenceLoader(rows, batch_size, max_len, shuffle=False)
     # The window may have cut a row's oldest items: flat index of its column 0.
@@ -111,24 +141,27 @@ def decode_rows(
         items = batch.items.to(device)
         next_domain = domain_table[items[:, 1:]]  # (B, W - 1): domain of the item each position predicts
         row, position = (next_domain != 0).nonzero(as_tuple=True)  # (P,) every position with a next item
-        if len(row):
-            hidden = torch.stack([model.encode(items)[row, position] for model in models])  # (1 + k, P, H)
-            source = next_domain[row, position]  # (P,) the domain of each next item
+        source = next_domain[row, position]  # (P,) the domain of each next item
+        needed = [d for d, wanted in decided_at.items() if wanted and bool((source == d).any())]
+        if needed:
+            states = [model.encode(items)[row, position] for model in models]  # (P, H) each
             flat = window_start[first_row + row.cpu().numpy()] + position.cpu().numpy() + 1
-            for start in range(0, len(row), chunk):
-                part = slice(start, start + chunk)
-                logits = torch.stack([model.logits(h[part]) for model, h in zip(models, hidden)])  # (1 + k, P', N)
-                s = source[part]
-                z_source = logits[s, torch.arange(len(s), device=device)]  # each position's own domain expert
-                for t in targets:
-                    chosen = (s != t).nonzero().squeeze(1)  # the source positions of target t
-                    if len(chosen) == 0:
-                        continue
-                    decision = decode(logits[t][chosen], z_source[chosen], logits[0][chosen], domains.range(t), rule,
-                                      certified_float32)
-                    at = flat[part][chosen.cpu().numpy()]
-                    results[t][0][at] = decision.items.cpu().numpy()
-                    results[t][1][at] = decision.convertible.cpu().numpy()
+        for d in needed:
+            wanted = decided_at[d]
+            at_d = (source == d).nonzero().squeeze(1)
+            for start in range(0, len(at_d), chunk):
+                at = at_d[start:start + chunk]
+                z_mix, z_source = logits(base, states[0][at], 0), logits(experts[d], states[d][at], 1)
+                z_targets = {t: logits(experts[t], states[t][at], 2 + i) for i, t in enumerate(wanted)}
+                where = flat[at.cpu().numpy()]
+                for first in range(0, len(at), block):
+                    part = slice(first, first + block)
+                    decisions = decode_targets({t: z[part] for t, z in z_targets.items()}, z_source[part],
+                                               z_mix[part], {t: ranges[t] for t in wanted}, rule, certified_float32,
+                                               fused)
+                    for t, decision in decisions.items():
+                        results[t][0][where[part]] = decision.items.cpu().numpy()
+                        results[t][1][where[part]] = decision.convertible.cpu().numpy()
         first_row += len(batch.users)
     return results
 

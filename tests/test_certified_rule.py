@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import model.contrastive as contrastive
-from model.contrastive import DecodingRule, contrastive_scores, decode
+from model.contrastive import DecodingRule, contrastive_scores, decode, decode_targets
 
 R_T = (40, 140)  # ids 40..139 of N
 
@@ -34,10 +34,13 @@ def regime(name: str, P: int = 64, N: int = 600, seed: int = 0):
         return randn(1e-3), randn(1e-3), randn(1e-3)
     if name == "large logits":
         return randn(3.0) + 40, randn(3.0) - 25, randn(3.0) + 60
+    if name == "models opposed":  # |t| / 2 past 80 at many items, where log cosh takes its asymptote
+        z_source = randn(40.0)
+        return randn(2.0), z_source, randn(1.0) - z_source
     raise ValueError(name)
 
 
-REGIMES = ["typical", "models agree", "models identical", "peaked", "flat", "large logits"]
+REGIMES = ["typical", "models agree", "models identical", "peaked", "flat", "large logits", "models opposed"]
 
 
 @pytest.mark.parametrize("source_experts", [True, False], ids=["with source experts", "w/o SDE"])
@@ -134,3 +137,73 @@ def test_float64_logits_and_position_weights_take_the_float64_rule(monkeypatch):
     with contrastive.computed_in(torch.float32):  # the reference code's float32, for benchmarks
         decode(*z, R_T)
     assert fallback == [8, 8, 8]
+
+
+# Several targets at once (`decode_targets`, what Stage II calls): the transfer reward is computed
+# once and shared, and each target's decisions must be those `decode` takes for it alone.
+RANGES = {1: R_T, 2: (1, 40), 3: (300, 301), 4: (590, 601)}  # the first ids, one item, the last ids
+
+
+@pytest.mark.parametrize("rule", RULES.values(), ids=RULES.keys())
+@pytest.mark.parametrize("name", REGIMES)
+def test_several_targets_decide_as_each_alone(name, rule):
+    g = torch.Generator().manual_seed(7)
+    for seed in range(2):
+        z_source, z_mix = regime(name, seed=seed)[1:]
+        z_targets = {t: regime(name, seed=10 * seed + t)[0] for t in RANGES}
+        z_targets[4][:, 580:] = z_targets[4].amax() + torch.rand(64, 20, generator=g)  # winners on the range's edge
+        together = decode_targets(z_targets, z_source, z_mix, RANGES, rule)
+        for t, z_target in z_targets.items():
+            for certified in (True, False):
+                alone = decode(z_target, z_source, z_mix, RANGES[t], rule, certified_float32=certified)
+                assert torch.equal(together[t].items, alone.items), (t, certified)
+                assert torch.equal(together[t].convertible, alone.convertible), (t, certified)
+
+
+def test_several_targets_leave_near_ties_to_float64(monkeypatch):
+    fallback = spy_fallback(monkeypatch)
+    z_target, z_source, z_mix = near_tie(0.0)
+    together = decode_targets({1: z_target, 2: z_target.clone()}, z_source, z_mix, {1: R_T, 2: R_T})
+    want = decode(z_target, z_source, z_mix, R_T, certified_float32=False)
+    assert all(torch.equal(d.items, want.items) for d in together.values())
+    assert fallback[:2] == [1, 1]  # the tie went to float64 for each target
+
+
+def test_decode_targets_names_mismatched_targets():
+    z = regime("typical", P=4)
+    with pytest.raises(ValueError, match="same targets"):
+        decode_targets({1: z[0]}, z[1], z[2], {2: R_T})
+    with pytest.raises(ValueError, match="target_range"):
+        decode_targets({1: z[0]}, z[1], z[2], {1: (0, 5)})
+
+
+# The fused kernels (torch.compile of the float32 rule's global scores, what Stage II uses from
+# FUSE_FROM_ITEMS items on): the same bound, the same decisions; and a clean fall-back without a compiler.
+def test_fused_kernels_keep_the_bound_and_the_decisions():
+    for name in REGIMES:
+        z_target, z_source, z_mix = regime(name)
+        for P in (64, 5):  # one kernel for every number of rows
+            z = (z_target[:P], z_source[:P], z_mix[:P])
+            S32, delta = contrastive._scores_float32(*z, source_experts=True, kernels=contrastive.FUSED)
+            error = (S32.double() - contrastive_scores(*z)).abs().amax(dim=-1)
+            assert (error <= delta.double()).all(), name
+            got = decode_targets({1: z[0], 2: z[0].flip(-1)}, z[1], z[2], {1: R_T, 2: (1, 40)}, fused=True)
+            assert torch.equal(got[1].items, decode(*z, R_T, certified_float32=False).items), name
+            assert torch.equal(got[2].items, decode(z[0].flip(-1), z[1], z[2], (1, 40), certified_float32=False).items)
+
+
+def test_fused_kernels_fall_back_to_eager_when_compiling_fails(monkeypatch, caplog):
+    def no_compiler(function, **options):
+        def fail(*args):
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    fused = contrastive._Fused(contrastive._confidence_float32)
+    z = regime("typical", P=8)[0]
+    with caplog.at_level("WARNING"):
+        got = fused(z)
+    assert fused.failed and "InvalidCxxCompiler" in caplog.text
+    want = contrastive._confidence_float32(z)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(fused(z)[0], want[0])  # and stays eager, without trying again

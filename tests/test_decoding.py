@@ -257,7 +257,7 @@ def test_all_target_domains_in_one_pass_write_the_files_of_one_run_per_domain(tr
 
 
 def test_decisions_do_not_depend_on_the_chunks_or_the_targets_asked_for(trained):
-    from model.regeneration import decode_rows, positions_per_chunk
+    from model.regeneration import decode_rows, positions_per_block, positions_per_chunk
 
     cfg = decoding_config(trained)
     dataset = PreparedDataset(project_path(cfg.data_path), "TINY")
@@ -270,8 +270,16 @@ def test_decisions_do_not_depend_on_the_chunks_or_the_targets_asked_for(trained)
         alone = decode_rows(rows, dataset.domains, [target], models["full"], experts, DecodingRule(), max_len=64,
                             batch_size=8, chunk=50)[target]
         assert all(np.array_equal(a, b) for a, b in zip(alone, together[target]))
+    # nor on how the rule's blocks cut a chunk (one position a block, a ragged 7, the default)
+    for chunk, block in ((50, 1), (13, 7), (None, None)):
+        cut = decode_rows(rows, dataset.domains, [1, 2, 3], models["full"], experts, DecodingRule(), max_len=64,
+                          batch_size=8, chunk=chunk, block=block)
+        assert all(np.array_equal(a, b) for t in (1, 2, 3) for a, b in zip(cut[t], together[t]))
     # a memory budget sizes the chunks: 2 GB hold many positions of 110 items, a tiny budget one
     assert positions_per_chunk(2.0, 110, 4) > 10_000 and positions_per_chunk(1e-9, 110, 4) == 1
+    # the rule's blocks hold a few positions of the paper's 191,652 items, and many of 110
+    assert 1 <= positions_per_block(191_652) <= 8 and positions_per_block(110) > 1000
+    assert positions_per_block(10**9) == 1
 
 
 def test_the_rule_in_float32_decides_as_in_float64_on_trained_models(trained):

@@ -133,25 +133,35 @@ def test_a_time_limit_pauses_at_an_epoch_end_and_the_same_call_continues_exactly
     exit says `paused:` with code 75); calls again until done end with the uninterrupted run's weights."""
     from pipeline.runs import user_errors
     from pipeline.schema import ConfigError
-    from trainer import PAUSED_EXIT_CODE, TrainingPaused, time_limit_minutes
+    from trainer import PAUSED_EXIT_CODE, TrainingPaused, resumed_seconds, time_limit_minutes
 
     config = TrainConfig(epochs=3, learning_rate=1e-2, stopping_step=0, topk=(5, 10), keep="last")
     model, train, valid = toy_setup()
     fit(model, next_item_objective(), train, config, checkpoint=tmp_path / "a.ckpt", meta={}, valid=valid,
         progress=False)
     monkeypatch.setenv("TAESAR_TIME_LIMIT", "0")
+    elapsed = [0.0]  # the resume file's wall time of the pieces so far
     for epochs_done in (1, 2):
         model_b, train_b, valid_b = toy_setup()
+        tally = resumed_seconds()
         with pytest.raises(TrainingPaused, match=f"paused after epoch {epochs_done - 1} of at most 3"):
             fit(model_b, next_item_objective(), train_b, config, checkpoint=tmp_path / "b.ckpt", meta={},
                 valid=valid_b, progress=False)
-        assert load_checkpoint(resume_file(tmp_path / "b.ckpt"))["trainer"]["epoch"] == epochs_done
+        resumed = load_checkpoint(resume_file(tmp_path / "b.ckpt"))
+        assert resumed["trainer"]["epoch"] == epochs_done
         assert not (tmp_path / "b.ckpt").exists()
+        # what the pieces before this one ran is added to the process's tally when this one resumes
+        assert resumed_seconds() - tally == pytest.approx(elapsed[-1])
+        assert resumed["elapsed_seconds"] > elapsed[-1]
+        elapsed.append(resumed["elapsed_seconds"])
     model_b, train_b, valid_b = toy_setup()
+    tally = resumed_seconds()
     result = fit(model_b, next_item_objective(), train_b, config, checkpoint=tmp_path / "b.ckpt", meta={},
                  valid=valid_b, progress=False)  # the last epoch never pauses
     assert result.epochs_run == 3 and not resume_file(tmp_path / "b.ckpt").exists()
+    assert resumed_seconds() - tally == pytest.approx(elapsed[-1])
     a, b = load_checkpoint(tmp_path / "a.ckpt"), load_checkpoint(tmp_path / "b.ckpt")
+    assert "elapsed_seconds" not in b and set(a) == set(b)  # the checkpoint itself holds no timings
     for key in a["state_dict"]:
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
     with pytest.raises(SystemExit) as stopped, user_errors():
