@@ -290,7 +290,7 @@ def _fit(model, loss_fn, train, config, *, checkpoint, meta, valid, select_on, r
         elapsed = float(saved.get("elapsed_seconds", 0.0))
         _RESUMED_SECONDS[0] += elapsed
         restored = _restore_rng(saved["rng"], world)
-        log.info("%sresuming from %s after epoch %d", prefix, resume_path, state["epoch"])
+        log.info("%sresuming from %s after epoch %d", prefix, resume_path, state["epoch"] - 1)  # epochs log 0-based
     else:
         restored = False
     if world:
