@@ -37,9 +37,6 @@ from pipeline.settings import rerun_command, stage_settings, train_config, varia
 from trainer import Evaluation, check_meta, evaluate, fit, load_checkpoint, resume_file
 
 log = logging.getLogger(__name__)
-# Keys only Stage III reads: left out of the decoding command a missing regenerated file asks for.
-FINETUNE_KEYS = ("stage", "train_type", "eval_history", "model_name", "model", "new_inter_path", "trainer.finetune",
-                 "epochs", "train_batch_size", "learning_rate", "weight_decay", "stopping_step", "eval_step")
 
 
 def training_rows(cfg: DictConfig, dataset):
@@ -55,8 +52,7 @@ def training_rows(cfg: DictConfig, dataset):
     else:
         output = regenerated(cfg)
         if not output.inter.is_file():
-            command = rerun_command("decoding.py", cfg, FINETUNE_KEYS, [f"target_dom={cfg.target_dom}",
-                                                                         f"seed={cfg.seed}"])
+            command = rerun_command("decoding.py", "decoding", [f"target_dom={cfg.target_dom}", f"seed={cfg.seed}"])
             raise missing_regenerated(cfg, output, command)
         output.check(decoding_inputs(cfg, dataset, cfg.target_dom))  # decoded from today's data and checkpoints
         path = output.inter
@@ -84,8 +80,7 @@ def _run_finetune(cfg: DictConfig, world: World) -> dict:
     n_users = int(dataset.rows("full.test").users.max())  # every user has a test row
     model = build_backbone(cfg.model_name, dataset.domains.n_items, cfg.MAX_ITEM_LIST_LENGTH, params,
                            n_users=n_users, device=device).to(device)
-    if hasattr(model, "build_global_graph"):
-        model.build_global_graph(rows)
+    model.see_training_rows(rows)
     if model.last_position_only:
         rows = rows.prefixes()
     # sim and new hold target items only: their softmax runs over the target domain; full

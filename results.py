@@ -33,13 +33,19 @@ from data.files import write_text_atomic
 from data.paths import project_path
 from pipeline.records import RecordError, read_metrics, recorded_settings
 from pipeline.schema import describe_differences
+from pipeline.settings import TRAIN_TYPES
 
 METRICS = ("hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr@10", "mrr@20")
-HEADER = {"hr": "HR", "ndcg": "NG", "mrr": "MRR"}
-TRAIN_TYPES = ("sim", "full", "new")
+METRIC_NAMES = {"hr": "HR", "ndcg": "NDCG", "mrr": "MRR"}
 # The cross-domain comparison of Table 2, in its order: SASRec on the mixed rows, then the baselines.
 CROSS_DOMAIN = ("SASRec4", "ABXI", "CGRec", "SyNCRec")
 MIXED = "mixed"  # the train column of a cross-domain baseline: one model on full.train for all domains
+
+
+def metric_label(metric: str) -> str:
+    """A table's name for a metric key: ndcg@10 -> NDCG@10."""
+    name, k = metric.split("@")
+    return f"{METRIC_NAMES[name]}@{k}"
 
 
 def collect(folders: list[Path]) -> list[dict]:
@@ -140,8 +146,7 @@ def table(runs: list[dict]) -> tuple[list[str], list[list[str]], list[dict]]:
     order = {t: i for i, t in enumerate(TRAIN_TYPES)}
     cross = {m: i for i, m in enumerate(CROSS_DOMAIN)}
     rows.sort(key=lambda r: (r[0], cross.get(r[1], len(cross)), r[1], order.get(r[2].split(" ")[0], 9), r[2]))
-    header = ["dataset", "model", "train"] + [f"{d} {HEADER[m.split('@')[0]]}@{m.split('@')[1]}"
-                                              for d in domains for m in METRICS]
+    header = ["dataset", "model", "train"] + [f"{d} {metric_label(m)}" for d in domains for m in METRICS]
     markdown, records = [], []
     settings = {(r["dataset"], *settings_label(r, keys)): r.get("settings", "") for r in runs}
     for row in rows:

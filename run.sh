@@ -10,13 +10,14 @@
 # and full data of every target domain (Stage III); print the results table; draw the diagnostics,
 # mapping views and results figure (analysis/).
 #
-# Arguments are Hydra overrides. KEY=VALUE goes to every stage (each stage reads its part, and the
-# later stages find the earlier ones' outputs from the same keys): trainer.base.epochs=50,
-# trainer.finetune.epochs=50, decoder.hidden_size=64, experiment=wo_sde, ... The keys only Stage III
-# reads (model.*, model_name, train_type, new_inter_path) go to finetune.py alone. STAGE:KEY=VALUE
-# goes to one stage only (STAGE: prepare, pretrain, decoding, finetune, baseline), e.g.
-# finetune:eval_batch_size=512. The baselines (cdsr_baseline/train.py) get the dataset keys,
-# logger.*, progress and their own baseline:KEY=VALUE only. LAUNCHER names a Hydra launcher
+# Arguments are Hydra overrides. KEY=VALUE goes to every stage that reads KEY (pipeline/routing.py:
+# the later stages find the earlier ones' outputs from the same keys): trainer.base.epochs=50,
+# decoder.hidden_size=64, experiment=wo_sde, ... go to Stages I to III; the keys only Stage III reads
+# (model.*, model_name, train_type, eval_history, new_inter_path, trainer.finetune.*) to finetune.py
+# alone; the dataset keys and progress to every stage, logger.*, checkpoint_dir and gpu_id to every
+# stage that trains. STAGE:KEY=VALUE goes to one stage only (STAGE: prepare, pretrain, decoding,
+# finetune, baseline), e.g. finetune:eval_batch_size=512; the baselines' own keys (baseline_fidelity,
+# select_on, recompute_activations, trainer.baseline.*) go to cdsr_baseline/train.py alone. LAUNCHER names a Hydra launcher
 # (joblib, submitit_local, submitit_slurm) for the sweeps of Stages II and III and the baselines, and
 # launcher:KEY=VALUE sets its keys (hydra.launcher.partition=..., ...). NPROC > 1 runs every stage
 # under torchrun: NPROC processes train data-parallel (Stages I, III, baselines) or share the rows to
@@ -39,33 +40,24 @@ if [ "$NPROC" -gt 1 ]; then
 elif [ -n "$LAUNCHER" ]; then
     SWEEP+=("hydra/launcher=$LAUNCHER")
 fi
+ROUTED=()
 for arg in "$@"; do
     case "$arg" in
-        *=*) ;;
-        *) echo "run.sh: '$arg' is not a Hydra override KEY=VALUE (or STAGE:KEY=VALUE)" >&2; exit 2 ;;
-    esac
-    case "$arg" in
-        prepare:*) PREPARE+=("${arg#prepare:}") ;;
-        pretrain:*) PRETRAIN+=("${arg#pretrain:}") ;;
-        decoding:*) DECODING+=("${arg#decoding:}") ;;
-        finetune:*) FINETUNE+=("${arg#finetune:}") ;;
-        baseline:*) BASELINE+=("${arg#baseline:}") ;;
         launcher:*) [ "$NPROC" -gt 1 ] || SWEEP+=("${arg#launcher:}") ;;
-        epochs=*|train_batch_size=*|learning_rate=*|weight_decay=*|stopping_step=*|eval_step=*)
-            key="${arg%%=*}"
-            echo "run.sh: '$arg' would mean another training in each stage; name the one you mean:" \
-                 "trainer.base.$key=... (Stage I, base model), trainer.expert.$key=... (experts)," \
-                 "trainer.finetune.$key=... (Stage III), or pretrain:$arg / finetune:$arg" \
-                 | sed 's/\.train_batch_size=/.batch_size=/g' >&2
-            exit 2 ;;
-        model.*|+model.*|model_name=*|train_type=*|eval_history=*|new_inter_path=*) FINETUNE+=("$arg") ;;
-        dataset=*|dataset.*|+dataset.*|data_path=*|progress=*)
-            PREPARE+=("$arg") PRETRAIN+=("$arg") DECODING+=("$arg") FINETUNE+=("$arg") BASELINE+=("$arg") ;;
-        logger.*|checkpoint_dir=*|gpu_id=*)
-            PRETRAIN+=("$arg") DECODING+=("$arg") FINETUNE+=("$arg") BASELINE+=("$arg") ;;
-        *) PRETRAIN+=("$arg") DECODING+=("$arg") FINETUNE+=("$arg") ;;
+        *) ROUTED+=("$arg") ;;
     esac
 done
+# Every other argument goes to the stages that read its key: one table, pipeline/routing.py.
+routes="$(python -m pipeline.routing "${ROUTED[@]}")" || exit 2
+while IFS=$'\t' read -r stage arg; do
+    case "$stage" in
+        prepare) PREPARE+=("$arg") ;;
+        pretrain) PRETRAIN+=("$arg") ;;
+        decoding) DECODING+=("$arg") ;;
+        finetune) FINETUNE+=("$arg") ;;
+        baseline) BASELINE+=("$arg") ;;
+    esac
+done <<< "$routes"
 
 echo "== data preparation: dataset=$DATASET"
 python -m dataset.prepare dataset="$DATASET" "${PREPARE[@]}"

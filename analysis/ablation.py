@@ -2,7 +2,7 @@
 
     python -m analysis.ablation --target dom1
     python -m analysis.ablation --target dom4 --model GRU4Rec --dataset ACDT --seeds 2025 2026 --out results/ablation
-    python -m analysis.ablation --target dom1 -- epochs=50 expert.epochs=5   # Hydra overrides for every stage
+    python -m analysis.ablation --target dom1 -- trainer.base.epochs=50 trainer.expert.epochs=5   # overrides for every stage
 
 For each variant (w/o DSA, DSA w/o DSP, w/o SDE, w/o GCS, w/o LCS, Taesar) and seed: Stage I
 (`pretrain.run_pretrain`), Stage II for the target domain (`decoding.run_decoding`) and Stage III
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from data.files import write_text_atomic
 from data.paths import project_path
-from results import METRICS, collect, table
+from results import METRICS, collect, metric_label, table
 
 # Table 3 rows in the paper's order: experiment config (none for the full method, `taesar`) -> paper name.
 VARIANTS = {
@@ -32,7 +32,6 @@ VARIANTS = {
     "wo_lcs": "w/o LCS",
     "taesar": "Taesar",
 }
-HEADER = {"hr": "HR", "ndcg": "NDCG", "mrr": "MRR"}
 
 
 def run_variant(variant: str, target: str, model: str, dataset: str, seed: int, out: Path,
@@ -77,7 +76,7 @@ def ablation_rows(runs: list[dict], target: str) -> list[dict]:
 
 def write_ablation(rows: list[dict], out: Path) -> str:
     """Write ablation.md (Table 3 layout) and ablation.csv into `out`; returns the Markdown."""
-    columns = [f"{HEADER[m.split('@')[0]]}@{m.split('@')[1]}" for m in METRICS]
+    columns = [metric_label(m) for m in METRICS]
     text = "| Variant | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns) + "\n"
     for row in rows:
         cells = [f"{float(row[m]):.4f}" + (f" ± {float(row[m + ' std']):.4f}" if row[m + " std"] else "")

@@ -53,7 +53,9 @@ from analysis.statistics import Comparison, aligned, paired_bootstrap
 from data.files import BusyError, exclusive_lock, write_text_atomic
 from data.paths import project_path
 from pipeline.records import METRICS_FILE, RecordError, read_metrics, recorded_settings, result_settings
+from pipeline.routing import split
 from pipeline.schema import describe_differences
+from pipeline.settings import TRAIN_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,6 @@ PARTS = ("table2", "table3", "figures", "selectivity")
 BACKBONES = ("SASRec", "GRU4Rec", "CL4SRec", "GCEGNN")
 BASELINES = ("ABXI", "CGRec", "SyNCRec")
 SEEDS = (2025, 2026, 2027)
-TRAIN_TYPES = ("sim", "full", "new")
 MIXED_HISTORY = "full_mixed_history"  # SASRec4 evaluated with eval_history=mixed (its own row)
 
 
@@ -76,6 +77,7 @@ class Report:
     def __init__(self, dataset: str, out: Path, overrides: list[str], collect_only: bool = False,
                  rerun: bool = False):
         self.dataset, self.out, self.overrides = dataset, Path(out), list(overrides)
+        split(self.overrides)  # a key no stage can take as given stops the report before it runs anything
         self.collect_only, self.rerun = collect_only, rerun
         self.built: set[tuple[int, str]] = set()  # (seed, Stage I tag) whose artifacts this process made sure of
 
@@ -223,18 +225,9 @@ class Report:
             return None
 
     def for_stage(self, stage: str) -> list[str]:
-        """The overrides a stage gets: `STAGE:KEY=VALUE` for that stage alone, the others for every
-        pipeline stage; a baseline (its own config) takes only the dataset, logger and run keys."""
-        shared = ("dataset", "data_path", "checkpoint_dir", "logger", "progress", "gpu_id")
-        chosen = []
-        for override in self.overrides:
-            prefix, sep, rest = override.partition(":")
-            if sep and prefix in ("pretrain", "decoding", "finetune", "baseline"):
-                if prefix == stage:
-                    chosen.append(rest)
-            elif stage != "baseline" or override.startswith(shared):
-                chosen.append(override)
-        return chosen
+        """The overrides a stage gets: `STAGE:KEY=VALUE` for that stage alone, the others for the stages
+        that read their keys (pipeline/routing.py, as run.sh routes them)."""
+        return split(self.overrides)[stage]
 
     def pipeline(self, seed: int, stage1: list[str] = ()) -> None:
         """Make sure the Stage I checkpoints and Stage II files of one seed (and Stage I settings) exist,
@@ -434,7 +427,7 @@ def write_report(out: Path, args, parts: dict) -> str:
              f"given); written on {machine()} (each run's seconds.json names the machine that ran it, where it "
              "was recorded).", ""]
     if "table2" in parts:
-        from results import headline, per_backbone
+        from results import headline, metric_label, per_backbone
 
         runs = parts["table2"]
         records = [{**r, "train_type": "full" if t == MIXED_HISTORY else t, "model_name": b, "target_dom": d,
@@ -442,11 +435,11 @@ def write_report(out: Path, args, parts: dict) -> str:
         table = write_tables(records, out / "table2")
         rows = comparisons(runs, args.backbones, args.domains, args.baselines)
         if records:
-            for metric, name in (("ndcg@10", "NDCG@10"), ("hr@10", "HR@10")):
-                lines += [f"## Headline: SASRec and the cross-domain methods (test {name}, mean ± std over seeds)",
+            for metric in ("ndcg@10", "hr@10"):
+                lines += [f"## Headline: SASRec and the cross-domain methods (test {metric_label(metric)}, mean ± std over seeds)",
                           "", headline(records, metric), ""]
-            for metric, name in (("ndcg@10", "NDCG@10"), ("hr@10", "HR@10")):
-                lines += [f"## Table 2 at test {name} (mean ± std over seeds; each backbone's best in bold)", "",
+            for metric in ("ndcg@10", "hr@10"):
+                lines += [f"## Table 2 at test {metric_label(metric)} (mean ± std over seeds; each backbone's best in bold)", "",
                           per_backbone(records, metric), ""]
         lines += ["## Table 2 (test, mean ± std over seeds)", "", table, "",
                   "## Claims: new vs sim, full and the cross-domain baselines (test NDCG@10)", "",

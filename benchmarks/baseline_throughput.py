@@ -127,8 +127,7 @@ def _backbone(dataset, name: str, split: str, reference: bool):
         model = getattr(module, f"Reference{name}")(n_items, 128, **{k: v for k, v in params.items() if k != "name"})
     else:
         model = build_backbone(name, n_items, 128, params)
-    if hasattr(model, "build_global_graph"):
-        model.build_global_graph(rows)
+    model.see_training_rows(rows)
     item_range = None if split.startswith("full") else dataset.domains.range(split.split(".")[0])
     return model, lambda batch: model.loss(batch, item_range), rows.prefixes() if model.last_position_only else rows
 

@@ -13,6 +13,21 @@ from data.files import DataError, read_item_tokens
 LETTERS = string.ascii_uppercase
 
 
+def checked_item_range(item_range, n_items: int, name: str = "item_range") -> tuple[int, int]:
+    """(lo, hi) of a non-empty half-open range of item ids inside [1, n_items + 1); None means every
+    item. Scorers take such ranges (a domain's, or all items) and check them here, with one message."""
+    if item_range is None:
+        return 1, n_items + 1
+    try:
+        lo, hi = (int(b) for b in item_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a pair of item ids (lo, hi), got {item_range!r}") from None
+    if not 1 <= lo < hi <= n_items + 1:
+        raise ValueError(f"{name} {(lo, hi)} must be a non-empty half-open id range inside [1, {n_items + 1}) "
+                         f"for {n_items} items")
+    return lo, hi
+
+
 def domain_suffix(d: int) -> str:
     if not 1 <= d <= len(LETTERS):
         raise ValueError(f"domain index {d} out of range 1..{len(LETTERS)}")

@@ -1,11 +1,6 @@
-"""Stage III backbones behind one interface, so that fine-tuning treats them all alike.
-
-    model.loss(batch, item_range)    -> scalar training loss (softmax over `item_range`, None: all items)
-    model.scores(batch, item_range)  -> (B, hi - lo) scores of the candidates from each row's history
-
-`last_position_only` tells whether the loss reads one position per row; those
-models get every training row expanded into its prefixes, so that every
-backbone learns from the same next-item targets.
+"""Stage III backbones by name, each a `model.backbone_base.Backbone` (the interface fine-tuning
+uses, so that it treats them all alike): this project's SASRec, GRU4Rec, CL4SRec and GCE-GNN, and
+any RecBole sequential model through an adapter.
 """
 from __future__ import annotations
 
@@ -19,13 +14,14 @@ from recbole.data.transform import construct_transform
 from torch import nn
 
 from data import SequenceBatch
+from model.backbone_base import Backbone
 from model.decoder import DecoderConfig, TaesarDecoder
 from model.objectives import next_item_objective, target_scores
 from model.recbole_adapter import Vocabulary, recbole_config, to_interaction
 from pipeline.schema import ConfigError, from_config, unknown_key
 
 
-class SASRec(nn.Module):
+class SASRec(Backbone):
     """The Taesar decoder as the SASRec backbone: sequence-to-sequence training."""
 
     last_position_only = False
@@ -42,7 +38,7 @@ class SASRec(nn.Module):
         return target_scores(item_range)(self.decoder, batch)
 
 
-class RecBoleModel(nn.Module):
+class RecBoleModel(Backbone):
     """Any RecBole sequential model, unchanged, by its class name (NARM, BERT4Rec, Caser, ...).
 
     Its hyperparameters are RecBole's defaults for the model
@@ -154,7 +150,7 @@ def uniform_params(model_name: str, params: dict) -> dict:
 
 
 def build_backbone(model_name: str, n_items: int, max_len: int, params: dict, n_users: int = 0,
-                   device: torch.device = torch.device("cpu")) -> nn.Module:
+                   device: torch.device = torch.device("cpu")) -> Backbone:
     """This project's implementation of `model_name`, or RecBole's class of that name."""
     check_backbone_params(model_name, params)
     params = {k: v for k, v in params.items() if k != "name"}

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data import SequenceBatch
+from data import SequenceBatch, checked_item_range
+from model.backbone_base import Backbone
 from model.decoder import DecoderConfig, SASRecParams, TaesarDecoder
 from model.objectives import LENGTH_GROUPS, next_item_objective, target_scores
 from pipeline.distributed import count_over_ranks
@@ -146,7 +147,7 @@ class CL4SRecConfig(SASRecParams):
             raise ValueError(f"temperature must be positive, got {self.temperature}")
 
 
-class CL4SRec(nn.Module):
+class CL4SRec(Backbone):
     """CL4SRec (Xie et al., ICDE 2022) as RecBole-DA builds it: the SASRec encoder (Taesar's decoder,
     `model/decoder.py`) with one extra item row, id N + 1, as the mask token; crop / mask / reorder
     views of each row's history and an NT-Xent loss between their last states.
@@ -171,10 +172,7 @@ class CL4SRec(nn.Module):
         self.encoder = TaesarDecoder(DecoderConfig.from_model_params(n_items + 1, max_len, encoder))
 
     def _item_range(self, item_range: tuple[int, int] | None) -> tuple[int, int]:
-        lo, hi = (1, self.mask_id) if item_range is None else item_range
-        if not 1 <= lo < hi <= self.mask_id:
-            raise ValueError(f"item_range {item_range} is not a non-empty range inside 1..{self.config.n_items}")
-        return lo, hi
+        return checked_item_range(item_range, self.mask_id - 1)
 
     def views(self, batch: SequenceBatch, generator: torch.Generator | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:

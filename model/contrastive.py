@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from data.domains import checked_item_range
 from model.losses import in_range
 
 _log = logging.getLogger(__name__)
@@ -190,19 +191,6 @@ class Decision(NamedTuple):
     convertible: torch.Tensor
 
 
-def _check_range(target_range: tuple[int, int], n_items: int) -> tuple[int, int]:
-    try:
-        lo, hi = (int(b) for b in target_range)
-    except (TypeError, ValueError):
-        raise ValueError(f"target_range must be a pair of item ids (lo, hi), got {target_range!r}") from None
-    if not 1 <= lo < hi <= n_items + 1:
-        raise ValueError(
-            f"target_range {(lo, hi)} must be a non-empty half-open id range inside [1, {n_items + 1}) "
-            f"for logits over {n_items} items"
-        )
-    return lo, hi
-
-
 def decode(
     z_target: torch.Tensor,
     z_source: torch.Tensor | None,
@@ -263,7 +251,9 @@ def decode_targets(
             if not isinstance(z, torch.Tensor) or z.ndim != 2:
                 raise ValueError(f"{name} must be a (P, N) tensor, got {getattr(z, 'shape', type(z).__name__)}")
         _check_same_shape(**given)
-        ranges[t] = _check_range(target_ranges[t], z_target.shape[1])
+        if target_ranges[t] is None:  # a range must be given: None (every item) would make every item a target
+            raise ValueError("target_range must be a pair of item ids (lo, hi), got None")
+        ranges[t] = checked_item_range(target_ranges[t], z_target.shape[1], "target_range")
         float32 &= z_target.dtype == torch.float32
     if not (certified_float32 and rule.weights == "elementwise" and _PRECISION[-1] == torch.float64 and float32):
         return {t: _decode_in_precision(z, z_source, z_mix, ranges[t], rule) for t, z in z_targets.items()}

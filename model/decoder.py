@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data.domains import checked_item_range
 from pipeline.schema import ConfigError, above, at_least, from_config
 
 # The feed-forward activations RecBole's SASRec offers, by its names (gelu: the exact, erf form).
@@ -326,11 +327,7 @@ class TaesarDecoder(nn.Module):
         (B, L, N) tensor is built only when it is wanted. `out`: a (P, hi - lo) buffer to write
         (P, H) states' scores into (Stage II reuses one, rather than fault in fresh pages per chunk).
         """
-        lo, hi = self.all_items if item_range is None else item_range
-        if not 1 <= lo < hi <= self.config.n_items + 1:
-            raise ValueError(
-                f"item_range {item_range} is not a non-empty range inside 1..{self.config.n_items}"
-            )
+        lo, hi = checked_item_range(item_range, self.config.n_items)
         if out is not None:
             return torch.mm(hidden, self.item_emb.weight[lo:hi].T, out=out)
         return hidden @ self.item_emb.weight[lo:hi].T

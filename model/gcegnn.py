@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data import SequenceBatch, SequenceRows
+from data import SequenceBatch, SequenceRows, checked_item_range
+from model.backbone_base import Backbone
 from pipeline.schema import at_least
 
 GLOBAL_WINDOW = 4  # a target is linked to its 4 most recent history items (fixed in RecBole-GNN)
@@ -139,7 +140,7 @@ def session_graph(w: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor,
     return nodes, alias, (b[order], t[order], i[order], j[order])
 
 
-class GCEGNN(nn.Module):
+class GCEGNN(Backbone):
     """GCE-GNN (Wang et al., SIGIR 2020) as RecBole-GNN builds it
     (`recbole_gnn/model/sequential_recommender/gcegnn.py`, `GCEGNNDataset` in `recbole_gnn/data/dataset.py`):
     sessions read in reverse (w_1 = most recent item); a typed session graph with attention over each
@@ -196,9 +197,9 @@ class GCEGNN(nn.Module):
         """Half-open id range of every real item."""
         return 1, self.config.n_items + 1
 
-    def build_global_graph(self, rows: SequenceRows) -> None:
+    def see_training_rows(self, rows: SequenceRows) -> None:
         """Build the global neighbour table from the training rows as read (one sequence per row, NOT
-        prefix-expanded: every prefix of each row is counted here). Call once, before training."""
+        prefix-expanded: every prefix of each row is counted here). Called once, before training."""
         ids, counts = global_neighbours(rows, self.config.n_items, self.config.sample_num)
         self.neighbours.copy_(torch.from_numpy(ids))
         self.neighbour_weights.copy_(torch.from_numpy(counts))
@@ -273,7 +274,7 @@ class GCEGNN(nn.Module):
         stream is that of dropout on the padded tensor.
         """
         if not bool(self.graph_built):
-            raise RuntimeError("GCEGNN: call build_global_graph(training rows) before using the model")
+            raise RuntimeError("GCEGNN: call see_training_rows(training rows) before using the model")
         w, lengths = reverse_history(history, lengths, self.config.max_len)
         B, L = w.shape
         valid = torch.arange(L, device=w.device) < lengths[:, None]  # (B, L)
@@ -302,9 +303,7 @@ class GCEGNN(nn.Module):
 
     def logits(self, r: torch.Tensor, item_range: tuple[int, int] | None = None) -> torch.Tensor:
         """(B, D) session vectors -> (B, hi - lo) scores r E[lo:hi]^T; column j is item lo + j (None: all items)."""
-        lo, hi = self.all_items if item_range is None else item_range
-        if not 1 <= lo < hi <= self.config.n_items + 1:
-            raise ValueError(f"item_range {item_range} is not a non-empty range inside 1..{self.config.n_items}")
+        lo, hi = checked_item_range(item_range, self.config.n_items)
         return r @ self.item_emb.weight[lo:hi].T
 
     def _history_vectors(self, batch: SequenceBatch) -> torch.Tensor:

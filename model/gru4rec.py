@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from data import SequenceBatch
+from data import SequenceBatch, checked_item_range
+from model.backbone_base import Backbone
 from model.objectives import next_item_objective, target_scores
 from pipeline.schema import at_least, check_ranges
 
@@ -28,7 +29,7 @@ class GRU4RecConfig:
         check_ranges(self, "model.")
 
 
-class GRU4Rec(nn.Module):
+class GRU4Rec(Backbone):
     """GRU4Rec (Hidasi et al., ICLR 2016; Tan et al., DLRS 2016) as RecBole 1.2.1 builds it
     (`recbole/model/sequential_recommender/gru4rec.py`): dropout on the item embeddings, a stack of
     GRU layers without biases, a Linear D_h -> D, and scores o_t E^T with the input table E.
@@ -72,9 +73,7 @@ class GRU4Rec(nn.Module):
 
     def logits(self, hidden: torch.Tensor, item_range: tuple[int, int] | None = None) -> torch.Tensor:
         """(..., D) outputs -> (..., hi - lo) scores o E[lo:hi]^T; column j is item lo + j (None: all items)."""
-        lo, hi = self.all_items if item_range is None else item_range
-        if not 1 <= lo < hi <= self.config.n_items + 1:
-            raise ValueError(f"item_range {item_range} is not a non-empty range inside 1..{self.config.n_items}")
+        lo, hi = checked_item_range(item_range, self.config.n_items)
         return hidden @ self.item_emb.weight[lo:hi].T
 
     def loss(self, batch: SequenceBatch, item_range: tuple[int, int] | None) -> torch.Tensor:

@@ -22,7 +22,7 @@ from pipeline.schema import ConfigError, above, at_least, from_config
 
 STAGES = {"run": "pretrain.py", "dec": "decoding.py", "tun": "finetune.py"}
 TRAINERS = ("base", "expert", "finetune")
-TRAIN_TYPES = ("sim", "new", "full")
+TRAIN_TYPES = ("sim", "full", "new")  # Stage III's training rows (docs/method.md), in the tables' order
 DECODER_MODELS = ("SASRec",)  # Stage I and II: the Taesar decoder is SASRec-style
 SASREC4 = "SASRec4"  # the paper's name for model_name=SASRec train_type=full
 
@@ -182,7 +182,7 @@ class FinetuneSettings(PipelineSettings):
 
     model_name: str
     model: dict  # checked by model.backbones.check_backbone_params
-    train_type: Literal["sim", "new", "full"]
+    train_type: Literal[TRAIN_TYPES]
     eval_history: Literal["target_only", "mixed"]
     new_inter_path: Optional[str]
 
@@ -387,17 +387,20 @@ def variant_name(cfg: DictConfig) -> str:
 # --------------------------------------------------------------------------- hints
 
 
-def rerun_command(script: str, cfg: DictConfig, drop: tuple[str, ...], first: list[str]) -> str:
+def rerun_command(script: str, stage: str, first: list[str]) -> str:
     """The command that makes a missing input: `python SCRIPT FIRST...` and this run's own overrides
-    (under Hydra) except the keys starting with one of `drop`, which only this stage reads."""
+    (under Hydra) whose keys `stage` (SCRIPT's) reads (pipeline/routing.py), less `stage=` and the
+    official training keys, which set this run's own training."""
     from hydra.core.hydra_config import HydraConfig
+
+    from pipeline.routing import OFFICIAL_TRAINING_KEYS, key_of, readers
 
     given = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     named = {o.split("=", 1)[0] for o in first}
     kept = []
     for override in given:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key in named or any(key == d or key.startswith(f"{d}.") for d in drop):
+        key = key_of(override)
+        if key in named or key == "stage" or key in OFFICIAL_TRAINING_KEYS or stage not in readers(key):
             continue
         kept.append(override)
     return shlex.join(["python", script, *first, *kept])  # pastes into a shell: paths with spaces stay one word

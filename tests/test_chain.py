@@ -43,7 +43,7 @@ def test_smoke_chain_writes_every_output(tmp_path):
                 assert all(0.0 <= v <= 1.0 and math.isfinite(v) for v in metrics[split].values())
     results_main([str(runs), "--out", str(tmp_path / "report")])
     table = (tmp_path / "report" / "table.md").read_text().splitlines()
-    assert len(table) == 2 + 3 and all(f"{d} NG@10" in table[0] for d in ("dom1", "dom2", "dom3"))
+    assert len(table) == 2 + 3 and all(f"{d} NDCG@10" in table[0] for d in ("dom1", "dom2", "dom3"))
     assert (tmp_path / "report" / "table.csv").is_file()
 
 

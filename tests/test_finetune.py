@@ -79,7 +79,9 @@ def test_a_finished_checkpoint_of_other_training_rows_is_refused(decoded, tmp_pa
 
 
 def test_sasrec4_with_mixed_histories_is_selected_and_tested_on_the_full_rows(decoded, monkeypatch):
-    """eval_history=mixed (SASRec4's Q-M1 switch): the same users and targets, their full.* histories."""
+    """eval_history=mixed (SASRec4 is trained on mixed rows but, as in the authors' code, evaluated with
+    target-only histories by default; this switch gives it the mixed ones): the same users and targets,
+    their full.* histories."""
     import finetune
 
     dataset = PreparedDataset(project_path(f"{decoded}/data"), "TINY")

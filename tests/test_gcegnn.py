@@ -26,7 +26,7 @@ def random_rows(n_rows: int, n_items: int, seed: int, max_len: int = 12) -> Sequ
 def make_model(seed: int = 0, rows: SequenceRows | None = None, **params) -> GCEGNN:
     torch.manual_seed(seed)
     model = GCEGNN(N_ITEMS, 16, **(PARAMS | params))
-    model.build_global_graph(random_rows(40, N_ITEMS, seed=1) if rows is None else rows)
+    model.see_training_rows(random_rows(40, N_ITEMS, seed=1) if rows is None else rows)
     return model
 
 
@@ -118,7 +118,7 @@ def test_model_stores_the_neighbour_table():
     assert model.neighbours.shape == model.neighbour_weights.shape == (N_ITEMS + 1, 12)
     assert model.neighbours.dtype == torch.long and model.neighbour_weights.dtype == torch.float32
     assert {"neighbours", "neighbour_weights", "graph_built"} <= set(model.state_dict())
-    with pytest.raises(RuntimeError, match="build_global_graph"):
+    with pytest.raises(RuntimeError, match="see_training_rows"):
         GCEGNN(N_ITEMS, 16, **PARAMS).scores(batch_of([[1, 2]]), None)
 
 
@@ -249,7 +249,7 @@ def test_loss_and_gradients_equal_the_dense_implementation(graph_rows, dropout):
     for cls in (GCEGNN, ReferenceGCEGNN):
         torch.manual_seed(3)
         model = cls(N_ITEMS, 16, **params)
-        model.build_global_graph(graph)
+        model.see_training_rows(graph)
         models.append(model.train())
     sequences = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7], [5, 5, 5, 1], [8, 8, 3, 8, 3, 9], [11, 12, 13]]
     sequences += [random_rows(1, 8, seed=s, max_len=20).sequence(0).tolist() for s in range(6)]

@@ -41,7 +41,7 @@ def test_table_layout_and_seed_statistics(tmp_path):
     assert len(collect([runs])) == 4
     main([str(runs), "--out", str(tmp_path / "out")])
     lines = (tmp_path / "out" / "table.md").read_text().splitlines()
-    assert lines[0].startswith("| dataset | model | train | dom1 HR@10 | dom1 HR@20 | dom1 NG@10")
+    assert lines[0].startswith("| dataset | model | train | dom1 HR@10 | dom1 HR@20 | dom1 NDCG@10")
     assert len(lines) == 2 + 3  # header, rule, one row per (model, train type)
     new_row = next(line for line in lines if "new (taesar)" in line)
     assert "0.3000 ± 0.1414" in new_row  # mean and sample std of 0.2 and 0.4
