@@ -27,16 +27,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.files import exclusive_lock
 from data.regenerated import merge_training_rows
-from dataset.prepare import prepare_dataset
 from model.decoder import TaesarDecoder
 from model.regeneration import decode_rows, regenerations
 from pipeline.artifacts import (
-    ALL_DOMAINS, checkpoint_meta, decoding_inputs, open_dataset, regenerated, stage1_checkpoints, stage1_inputs,
-    stage1_paths,
+    ALL_DOMAINS, checkpoint_meta, decoding_inputs, regenerated, stage1_checkpoints, stage1_inputs, stage1_paths,
 )
 from pipeline.distributed import World, barrier, gather_arrays, process_group
-from pipeline.runs import RunLogger, finish_run, run_folder, seed_everything, user_errors
+from pipeline.runs import seed_everything, user_errors
 from pipeline.settings import decoder_config, decoding_rule, stage_settings, variant_name
+from pipeline.stage_run import StageRun
 from trainer import check_meta, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -59,12 +58,11 @@ def load_stage1(cfg: DictConfig, dataset, device: torch.device) -> dict[str, Tae
     return models
 
 
-def _decode_sharded(cfg: DictConfig, dataset, rows, targets: list[int], rule, world: World):
+def _decode_sharded(cfg: DictConfig, dataset, rows, targets: list[int], rule, world: World, device: torch.device):
     """The regenerations of `targets` (by domain index) on rank 0, None elsewhere: each rank decodes
     its contiguous share of the rows, and rank 0 joins the decisions in row order. Positions are
     decided independently, so the joined decisions, and the files, are those of one process."""
     domains = dataset.domains
-    device = world.device(cfg.gpu_id)
     models = load_stage1(cfg, dataset, device)
     shard = rows.take(world.shard(len(rows))) if world.size > 1 else rows
     log.info("decoding %d of %d rows of %s into %s (%s) on %s%s", len(shard), len(rows), dataset.name,
@@ -115,8 +113,8 @@ def run_decoding(cfg: DictConfig) -> dict:
 def _run_decoding(cfg: DictConfig, world: World) -> dict:
     stage_settings(cfg, "dec")
     rule = decoding_rule(cfg)
-    prepare_dataset(cfg.dataset, cfg.data_path, progress=cfg.progress)  # reused when up to date
-    dataset = open_dataset(cfg)
+    run = StageRun(cfg, world, job="decoding")
+    dataset = run.dataset
     domains = dataset.domains
     targets = domains.names if cfg.target_dom == ALL_DOMAINS else [cfg.target_dom]
     outputs = {dom: regenerated(cfg, dom) for dom in targets}
@@ -137,17 +135,17 @@ def _run_decoding(cfg: DictConfig, world: World) -> dict:
                 log.info("%s is decoded already from these inputs; overwrite=true decodes anew", outputs[dom].inter)
                 reports[dom] = json.loads(outputs[dom].summary.read_text(encoding="utf-8"))
         todo = [dom for dom in targets if dom not in reports]
-        logger = None
         if todo:
             seed_everything(cfg.seed)
             rows = dataset.rows("full.train")
-            results = _decode_sharded(cfg, dataset, rows, [domains.index(dom) for dom in todo], rule, world)
+            results = _decode_sharded(cfg, dataset, rows, [domains.index(dom) for dom in todo], rule, world,
+                                      run.device)
             if not world.is_main:
                 return {}
             for dom in todo:
                 reports[dom] = _write(cfg, dataset, dom, results[domains.index(dom)], outputs[dom], inputs[dom],
                                       checkpoints)
-            logger = RunLogger(cfg, run_folder(cfg), job="decoding")
+            run.open_logger()  # only a run that decoded logs one
     if not world.is_main:
         return {}
     # metrics.json names each file and its seed: where later analysis finds them
@@ -155,9 +153,8 @@ def _run_decoding(cfg: DictConfig, world: World) -> dict:
     files = {dom: {**reports[dom], "seed": cfg.seed, "file": str(outputs[dom].inter),
                    "sha256": outputs[dom].read_manifest()["output"]["sha256"]} for dom in targets}
     if cfg.target_dom != ALL_DOMAINS:
-        return finish_run(cfg, logger, {"stage": "decoding", **files[cfg.target_dom]})
-    return finish_run(cfg, logger, {"stage": "decoding", "seed": cfg.seed, "target_dom": ALL_DOMAINS,
-                                    "reports": files},
+        return run.finish({"stage": "decoding", **files[cfg.target_dom]})
+    return run.finish({"stage": "decoding", "seed": cfg.seed, "target_dom": ALL_DOMAINS, "reports": files},
                       {f"{dom}/{k}": v for dom, r in reports.items() for k, v in r.items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
 

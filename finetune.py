@@ -25,16 +25,13 @@ from omegaconf import DictConfig, OmegaConf
 from data import SequenceLoader, read_inter
 from data.fingerprints import fingerprint
 from data.paths import project_path
-from dataset.prepare import prepare_dataset
 from model.backbones import build_backbone
-from pipeline.artifacts import (
-    decoding_inputs, finetune_checkpoint, missing_regenerated, open_dataset, regenerated, training_source,
-    write_settings,
-)
+from pipeline.artifacts import decoding_inputs, finetune_checkpoint, missing_regenerated, regenerated, training_source
 from pipeline.distributed import World, process_group
-from pipeline.runs import RunLogger, finish_run, run_folder, seed_everything, user_errors
+from pipeline.runs import seed_everything, user_errors
 from pipeline.settings import rerun_command, stage_settings, train_config, variant_name
-from trainer import Evaluation, check_meta, evaluate, fit, load_checkpoint, resume_file
+from pipeline.stage_run import StageRun
+from trainer import Evaluation, evaluate, fit
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +67,11 @@ def run_finetune(cfg: DictConfig) -> dict:
 def _run_finetune(cfg: DictConfig, world: World) -> dict:
     stage_settings(cfg, "tun")
     training = train_config(cfg, "finetune")
-    prepare_dataset(cfg.dataset, cfg.data_path, progress=cfg.progress)  # reused when up to date
-    dataset = open_dataset(cfg)
+    run = StageRun(cfg, world, job=f"finetune-{cfg.model_name}-{cfg.train_type}-{cfg.target_dom}")
+    dataset, device = run.dataset, run.device
     target_range = dataset.domains.range(cfg.target_dom)
     rows, source_record, source = training_rows(cfg, dataset)
     seed_everything(cfg.seed)
-    device = world.device(cfg.gpu_id)
     params = OmegaConf.to_container(cfg.model, resolve=True)
     n_users = int(dataset.rows("full.test").users.max())  # every user has a test row
     model = build_backbone(cfg.model_name, dataset.domains.n_items, cfg.MAX_ITEM_LIST_LENGTH, params,
@@ -88,8 +84,7 @@ def _run_finetune(cfg: DictConfig, world: World) -> dict:
     loss_range = None if cfg.train_type == "full" else target_range
 
     checkpoint, settings = finetune_checkpoint(cfg, source)
-    if world.is_main:
-        write_settings(checkpoint.parent, settings)
+    run.write_settings(checkpoint.parent, settings)
     mixed_history = cfg.eval_history == "mixed"
     meta = {"dataset": dataset.name, "n_items": dataset.domains.n_items, "model_name": cfg.model_name,
             "train_type": cfg.train_type, "target_dom": cfg.target_dom,
@@ -97,8 +92,7 @@ def _run_finetune(cfg: DictConfig, world: World) -> dict:
                        "item": dataset.fingerprint("item")}}
     if mixed_history:  # selection read full.valid too
         meta["inputs"]["valid_history"] = dataset.fingerprint("full.valid")
-    logger = (RunLogger(cfg, run_folder(cfg), job=f"finetune-{cfg.model_name}-{cfg.train_type}-{cfg.target_dom}")
-              if world.is_main else None)
+    run.open_logger()
     log.info("Stage III: %s on %s %s rows (%d, from %s), %s, device %s", cfg.model_name, cfg.train_type,
              cfg.target_dom, len(rows), source_record["file"], variant_name(cfg), device)
 
@@ -111,19 +105,12 @@ def _run_finetune(cfg: DictConfig, world: World) -> dict:
         return Evaluation(loader(rows_, False, cfg.eval_batch_size), lambda m, b: m.scores(b, target_range),
                           target_range)
 
-    if checkpoint.is_file() and not cfg.overwrite:
-        saved = load_checkpoint(checkpoint)
-        check_meta(saved["meta"], meta, checkpoint)
-        model.load_state_dict(saved["state_dict"])
-        valid = saved["valid_metrics"]
-        log.info("reusing the finished checkpoint %s (overwrite=true trains anew)", checkpoint)
-    else:
-        if cfg.overwrite:
-            resume_file(checkpoint).unlink(missing_ok=True)
-        valid = fit(model, lambda m, b: m.loss(b, loss_range), loader(rows, True, training.batch_size), training,
-                    checkpoint=checkpoint, meta=meta, valid=evaluation("valid"), resume=cfg.resume, logger=logger,
-                    log_prefix=f"{cfg.model_name}/{cfg.train_type}/{cfg.target_dom}", progress=cfg.progress,
-                    device=device).valid_metrics
+    saved = run.reuse_or_train(checkpoint, meta, lambda: fit(
+        model, lambda m, b: m.loss(b, loss_range), loader(rows, True, training.batch_size), training,
+        checkpoint=checkpoint, meta=meta, valid=evaluation("valid"), resume=cfg.resume, logger=run.logger,
+        log_prefix=f"{cfg.model_name}/{cfg.train_type}/{cfg.target_dom}", progress=cfg.progress, device=device))
+    model.load_state_dict(saved["state_dict"])  # the kept weights (fit leaves them in the model too)
+    valid = saved["valid_metrics"]
     test_ranks: dict = {}
     test = evaluate(model, evaluation("test"), training.topk, device, training.enable_amp, ranks=test_ranks)
     log.info("test %s", " ".join(f"{k} {v:.4f}" for k, v in test.items() if k.endswith(("@10", "@20"))))
@@ -132,9 +119,7 @@ def _run_finetune(cfg: DictConfig, world: World) -> dict:
                "seed": cfg.seed, "variant": variant_name(cfg) if cfg.train_type == "new" else None,
                "valid": valid, "test": test, "checkpoint": str(checkpoint),
                "test_ranks": test_ranks}  # each test user's rank: what paired comparisons resample
-    if not world.is_main:
-        return metrics
-    return finish_run(cfg, logger, metrics, {f"test/{k}": v for k, v in test.items()})
+    return run.finish(metrics, {f"test/{k}": v for k, v in test.items()})
 
 
 @hydra.main(version_base="1.3", config_path="config", config_name="finetune")

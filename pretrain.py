@@ -22,14 +22,14 @@ import torch
 from omegaconf import DictConfig
 
 from data import SequenceLoader
-from dataset.prepare import prepare_dataset
 from model.decoder import TaesarDecoder
 from model.objectives import domain_specific_objective, next_item_objective, target_scores
-from pipeline.artifacts import checkpoint_meta, open_dataset, stage1_inputs, stage1_paths
+from pipeline.artifacts import checkpoint_meta, stage1_inputs, stage1_paths
 from pipeline.distributed import World, process_group
-from pipeline.runs import RunLogger, finish_run, run_folder, user_errors
+from pipeline.runs import user_errors
 from pipeline.settings import decoder_config, expert_variant, stage_settings, train_config
-from trainer import Evaluation, check_meta, fit, load_checkpoint, resume_file
+from pipeline.stage_run import StageRun
+from trainer import Evaluation, fit, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +45,15 @@ def run_pretrain(cfg: DictConfig) -> dict:
 def _run_pretrain(cfg: DictConfig, world: World) -> dict:
     stage_settings(cfg, "run")
     base_training, expert_training = train_config(cfg, "base"), train_config(cfg, "expert")
-    prepare_dataset(cfg.dataset, cfg.data_path, progress=cfg.progress)  # reused when up to date
-    dataset = open_dataset(cfg)
+    run = StageRun(cfg, world, job="pretrain")
+    dataset, device = run.dataset, run.device
     domains = dataset.domains
     model_config = decoder_config(cfg, domains.n_items)
     variant = expert_variant(cfg)
     paths = stage1_paths(cfg)
     if world.is_main:
         paths.write_settings()
-    device = world.device(cfg.gpu_id)
-    logger = RunLogger(cfg, run_folder(cfg), job="pretrain") if world.is_main else None
+    run.open_logger()
     log.info("Stage I on %s (%d items, %d domains), variant %s, device %s%s; checkpoints in %s",
              dataset.name, domains.n_items, domains.n_domains, variant, device,
              f", data-parallel rank {world.rank} of {world.size}" if world.size > 1 else "", paths.expert_dir)
@@ -64,26 +63,21 @@ def _run_pretrain(cfg: DictConfig, world: World) -> dict:
 
     def train(role, init_seed, loss_fn, train_split, item_range, training):
         path = paths.role(role)
+
+        def fit_model():
+            torch.manual_seed(init_seed)  # each model's initialisation and dropout draw from its own seed
+            model = TaesarDecoder(model_config)
+            if role != "full" and cfg.expert.init == "base":
+                model.load_state_dict(load_checkpoint(paths.base)["state_dict"])
+            valid_split = "full.valid" if role == "full" else f"{role}.valid"
+            fit(model.to(device), loss_fn, loader(train_split, True, training.batch_size), training,
+                checkpoint=path, meta=meta,
+                valid=Evaluation(loader(valid_split, False, cfg.eval_batch_size), target_scores(item_range),
+                                 item_range),
+                resume=cfg.resume, logger=run.logger, log_prefix=role, progress=cfg.progress, device=device)
+
         meta = checkpoint_meta(dataset, model_config, role, stage1_inputs(cfg, dataset, paths, role))
-        if path.is_file() and not cfg.overwrite:
-            saved = load_checkpoint(path)
-            check_meta(saved["meta"], meta, path)
-            log.info("%s: reusing the finished checkpoint %s (overwrite=true trains anew)", role, path)
-            return saved["valid_metrics"]
-        if cfg.overwrite:
-            resume_file(path).unlink(missing_ok=True)
-        torch.manual_seed(init_seed)  # each model's initialisation and dropout draw from its own seed
-        model = TaesarDecoder(model_config)
-        if role != "full" and cfg.expert.init == "base":
-            model.load_state_dict(load_checkpoint(paths.base)["state_dict"])
-        valid_split = "full.valid" if role == "full" else f"{role}.valid"
-        result = fit(
-            model.to(device), loss_fn, loader(train_split, True, training.batch_size), training,
-            checkpoint=path, meta=meta,
-            valid=Evaluation(loader(valid_split, False, cfg.eval_batch_size), target_scores(item_range), item_range),
-            resume=cfg.resume, logger=logger, log_prefix=role, progress=cfg.progress, device=device,
-        )
-        return result.valid_metrics
+        return run.reuse_or_train(path, meta, fit_model, name=role)["valid_metrics"]
 
     metrics = {"full": train("full", cfg.seed, next_item_objective(), "full.train", (1, domains.n_items + 1),
                              base_training)}
@@ -96,10 +90,7 @@ def _run_pretrain(cfg: DictConfig, world: World) -> dict:
         metrics[dom] = train(dom, cfg.seed + d, loss_fn, train_split, item_range, expert_training)
 
     summary = {"stage": "pretrain", "variant": variant, "checkpoints": str(paths.expert_dir), "valid": metrics}
-    if not world.is_main:
-        return summary
-    return finish_run(cfg, logger, summary,
-                      {f"{role}/valid/{k}": v for role, m in metrics.items() for k, v in m.items()})
+    return run.finish(summary, {f"{role}/valid/{k}": v for role, m in metrics.items() for k, v in m.items()})
 
 
 @hydra.main(version_base="1.3", config_path="config", config_name="pretrain")

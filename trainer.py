@@ -171,15 +171,6 @@ def warmup_factor(epoch: int, warmup_epochs: int) -> float:
     return 1e-5 + (1 - 1e-5) * epoch / warmup_epochs
 
 
-def select_device(gpu_id: int | None = 0) -> torch.device:
-    """CUDA device `gpu_id` when CUDA is present, the CPU otherwise."""
-    if torch.cuda.is_available() and gpu_id is not None and int(gpu_id) >= 0:
-        if int(gpu_id) >= torch.cuda.device_count():
-            raise ValueError(f"gpu_id={gpu_id}, but only {torch.cuda.device_count()} CUDA device(s) are present")
-        return torch.device(f"cuda:{int(gpu_id)}")
-    return torch.device("cpu")
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, evaluation: Evaluation, topk=KS, device=None, enable_amp=False, progress=False,
              ranks: dict | None = None):

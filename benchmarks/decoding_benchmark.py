@@ -72,35 +72,34 @@ def reference_strategy(rows: SequenceRows, domains, target: int, base, experts, 
     the batch padded to every position, with logits over all N + 1 ids at every position; then a
     Python loop over the timesteps and, inside it, over the source domains, applying the rule to the
     rows whose next item lies in that domain (in float32, as it does). The rule's arithmetic is the
-    project's (`model.contrastive.decode`, on the columns of the real items), so that in float64 the
+    project's (`model.contrastive.decide`, on the columns of the real items), so that in float64 the
     decisions are the project's: returns each user's decoded sequence of target items and
     replacements (before post-processing), for the check.
     """
     from data import SequenceLoader
-    from model.contrastive import computed_in, decode
+    from model.contrastive import decide
 
     models = [base, *(experts[d] for d in range(1, domains.n_domains + 1))]
     domain_table = torch.from_numpy(domains.domain_of(np.arange(domains.n_items + 1)))
     out: dict[int, list[int]] = {}
     loader = SequenceLoader(rows, batch_size, max_len)
-    with computed_in(precision):
-        for batch in loader:
-            items = torch.nn.functional.pad(batch.items, (0, max_len - batch.items.size(1)))  # every position
-            logits = [m.encode(items) @ m.item_emb.weight.T for m in models]  # (B, L, N + 1) each, id i at i
-            new = torch.where(domain_table[items] == target, items, 0)
-            for t in range(max_len - 1):
-                next_domain = domain_table[items[:, t + 1]]
-                for s in range(1, domains.n_domains + 1):
-                    if s == target:
-                        continue
-                    chosen = (next_domain == s).nonzero().squeeze(1)
-                    if len(chosen) == 0:
-                        continue
-                    decision = decode(logits[target][chosen, t, 1:], logits[s][chosen, t, 1:],
-                                      logits[0][chosen, t, 1:], domains.range(target), rule)
-                    new[chosen, t + 1] = decision.items
-            for r, user in enumerate(batch.users.tolist()):
-                out[user] = new[r, : int(batch.lengths[r])].tolist()
+    for batch in loader:
+        items = torch.nn.functional.pad(batch.items, (0, max_len - batch.items.size(1)))  # every position
+        logits = [m.encode(items) @ m.item_emb.weight.T for m in models]  # (B, L, N + 1) each, id i at i
+        new = torch.where(domain_table[items] == target, items, 0)
+        for t in range(max_len - 1):
+            next_domain = domain_table[items[:, t + 1]]
+            for s in range(1, domains.n_domains + 1):
+                if s == target:
+                    continue
+                chosen = (next_domain == s).nonzero().squeeze(1)
+                if len(chosen) == 0:
+                    continue
+                decision = decide(logits[target][chosen, t, 1:], logits[s][chosen, t, 1:],
+                                  logits[0][chosen, t, 1:], domains.range(target), rule, precision)
+                new[chosen, t + 1] = decision.items
+        for r, user in enumerate(batch.users.tolist()):
+            out[user] = new[r, : int(batch.lengths[r])].tolist()
     return out
 
 
@@ -281,13 +280,13 @@ def exact(overrides: list[str]) -> None:
     experts = {d: models[f"dom{d}"] for d in range(1, dataset.domains.n_domains + 1)}
     rows, targets = dataset.rows("full.train"), list(experts)
     in_float64 = [0]
-    exact_rule = contrastive._decode_in_precision
+    exact_rule = contrastive.decide
 
     def counted(z_target, *args):
         in_float64[0] += len(z_target)
         return exact_rule(z_target, *args)
 
-    contrastive._decode_in_precision = counted
+    contrastive.decide = counted
     runs = {}
     for certified in (True, False):
         in_float64[0] = 0

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from pathlib import Path
 
 import hydra
@@ -29,13 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from cdsr_baseline.data import user_sequences  # noqa: E402
 from cdsr_baseline.models import build_baseline, resolve_fidelity  # noqa: E402
 from data import SequenceLoader  # noqa: E402
-from dataset.prepare import prepare_dataset  # noqa: E402
-from pipeline.artifacts import baseline_checkpoint, baseline_inputs, open_dataset, write_settings  # noqa: E402
+from pipeline.artifacts import baseline_checkpoint, baseline_inputs  # noqa: E402
 from pipeline.distributed import World, process_group  # noqa: E402
-from pipeline.runs import RunLogger, finish_run, run_folder, seed_everything, user_errors  # noqa: E402
+from pipeline.runs import seed_everything, user_errors  # noqa: E402
 from pipeline.schema import ConfigError  # noqa: E402
 from pipeline.settings import baseline_settings, train_config  # noqa: E402
-from trainer import Evaluation, check_meta, evaluate, fit, load_checkpoint, resume_file, resumed_seconds  # noqa: E402
+from pipeline.stage_run import StageRun  # noqa: E402
+from trainer import Evaluation, evaluate, fit  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +50,10 @@ def _run_baseline(cfg: DictConfig, world: World) -> dict:
     baseline_settings(cfg)
     quirks = resolve_fidelity(cfg)
     training = train_config(cfg, "baseline")
-    prepare_dataset(cfg.dataset, cfg.data_path, progress=cfg.progress)  # reused when up to date
-    dataset = open_dataset(cfg)
+    run = StageRun(cfg, world, job=f"baseline-{cfg.model.name}")
+    dataset, device = run.dataset, run.device
     domains = dataset.domains
     seed_everything(cfg.seed)
-    device = world.device(cfg.gpu_id)
     model = build_baseline(cfg.model.name, dataset, cfg.model,
                            sequences=user_sequences(dataset, cfg.MAX_ITEM_LIST_LENGTH)).to(device)
     if cfg.get("recompute_activations"):
@@ -64,8 +62,7 @@ def _run_baseline(cfg: DictConfig, world: World) -> dict:
                               f"recompute, not {cfg.model.name}")
         model.recompute_activations = True
     checkpoint, settings = baseline_checkpoint(cfg)
-    if world.is_main:
-        write_settings(checkpoint.parent, settings)
+    run.write_settings(checkpoint.parent, settings)
     meta = {"dataset": dataset.name, "n_items": domains.n_items, "domain_starts": list(domains.starts),
             "model_name": cfg.model.name, "inputs": baseline_inputs(dataset)}
     log.info("%s on %s (%d items, %d domains), %s fidelity %s, selection on %s, device %s", cfg.model.name,
@@ -79,21 +76,11 @@ def _run_baseline(cfg: DictConfig, world: World) -> dict:
                                 lambda m, b, r=domains.range(dom): m.scores(b, r), domains.range(dom))
                 for dom in domains.names}
 
-    logger = RunLogger(cfg, run_folder(cfg), job=f"baseline-{cfg.model.name}") if world.is_main else None
-    train_seconds = None  # wall time of the training done by this run (none when a checkpoint is reused)
-    if checkpoint.is_file() and not cfg.overwrite:
-        saved = load_checkpoint(checkpoint)
-        check_meta(saved["meta"], meta, checkpoint)
-        log.info("reusing the finished checkpoint %s (overwrite=true trains anew)", checkpoint)
-    else:
-        if cfg.overwrite:
-            resume_file(checkpoint).unlink(missing_ok=True)
-        started, earlier = time.perf_counter(), resumed_seconds()
-        fit(model, lambda m, b: m.loss(b), loader(dataset.rows("full.train"), True, training.batch_size), training,
-            checkpoint=checkpoint, meta=meta, valid=evaluations("valid"), select_on=cfg.select_on,
-            resume=cfg.resume, logger=logger, log_prefix=cfg.model.name, progress=cfg.progress, device=device)
-        train_seconds = time.perf_counter() - started + resumed_seconds() - earlier  # a resumed run: every piece
-        saved = load_checkpoint(checkpoint)
+    run.open_logger()
+    saved = run.reuse_or_train(checkpoint, meta, lambda: fit(
+        model, lambda m, b: m.loss(b), loader(dataset.rows("full.train"), True, training.batch_size), training,
+        checkpoint=checkpoint, meta=meta, valid=evaluations("valid"), select_on=cfg.select_on,
+        resume=cfg.resume, logger=run.logger, log_prefix=cfg.model.name, progress=cfg.progress, device=device))
     valid, test, test_ranks = {}, {}, {}
     for dom, evaluation in evaluations("test").items():
         weights = saved["domain_state_dicts"][dom] if "domain_state_dicts" in saved else saved["state_dict"]
@@ -104,11 +91,10 @@ def _run_baseline(cfg: DictConfig, world: World) -> dict:
         log.info("%s test %s", dom, " ".join(f"{k} {v:.4f}" for k, v in test[dom].items() if k.endswith("@10")))
     metrics = {"stage": "baseline", "dataset": dataset.name, "model_name": cfg.model.name, "seed": cfg.seed,
                "fidelity": cfg.baseline_fidelity, "quirks": quirks, "select_on": cfg.select_on,
-               "best_epoch": saved["best_epoch"], "epochs_run": saved["epochs_run"], "train_seconds": train_seconds,
+               "best_epoch": saved["best_epoch"], "epochs_run": saved["epochs_run"],
+               "train_seconds": run.trained_seconds,  # none when reused; a resumed training's every piece
                "valid": valid, "test": test, "checkpoint": str(checkpoint), "test_ranks": test_ranks}
-    if not world.is_main:
-        return metrics
-    return finish_run(cfg, logger, metrics, {f"{dom}/test/{k}": v for dom, m in test.items() for k, v in m.items()})
+    return run.finish(metrics, {f"{dom}/test/{k}": v for dom, m in test.items() for k, v in m.items()})
 
 
 @hydra.main(version_base="1.3", config_path="../config", config_name="baseline")

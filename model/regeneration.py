@@ -42,7 +42,7 @@ class Regeneration:
 # stay in cache, and its temporaries are small enough for the allocator to reuse, where (P, N)
 # tensors of the paper's size (tens of MB) were mapped afresh and page-faulted on every pass.
 BYTES_PER_ITEM_AND_MODEL, BLOCK_BYTES = 4, 2 ** 22
-# From this many items on, the float32 rule runs in compiled kernels on a CPU (model.contrastive._Fused):
+# From this many items on, the float32 rule runs in compiled kernels on a CPU (model.certified.Fused):
 # several times less time for the rule at the paper's 191,652 items, against a one-off compile of ~20 s.
 FUSE_FROM_ITEMS = 20_000
 

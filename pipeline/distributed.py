@@ -37,12 +37,19 @@ class World:
         return job_device(gpu_id)
 
 
+def select_device(gpu_id: int | None = 0) -> torch.device:
+    """CUDA device `gpu_id` when CUDA is present, the CPU otherwise."""
+    if torch.cuda.is_available() and gpu_id is not None and int(gpu_id) >= 0:
+        if int(gpu_id) >= torch.cuda.device_count():
+            raise ValueError(f"gpu_id={gpu_id}, but only {torch.cuda.device_count()} CUDA device(s) are present")
+        return torch.device(f"cuda:{int(gpu_id)}")
+    return torch.device("cpu")
+
+
 def job_device(gpu_id) -> torch.device:
     """The device of this job: CUDA device `gpu_id` (the CPU without CUDA, or with gpu_id < 0), except
     in a sweep run by the joblib launcher with several GPUs visible, where job n takes GPU
     (gpu_id + n) mod count, so that parallel jobs spread over the GPUs instead of sharing one."""
-    from trainer import select_device
-
     if torch.cuda.is_available() and torch.cuda.device_count() > 1 and gpu_id is not None and int(gpu_id) >= 0:
         from hydra.core.hydra_config import HydraConfig
 

@@ -42,10 +42,23 @@ ROUTES: dict[str, tuple[str, ...]] = {
     "recompute_activations": ("baseline",),
     "trainer.baseline": ("baseline",),
 }
-# The official top-level training keys (pipeline/settings.py, OFFICIAL_KEYS) set the training of the
-# stage they are given to; given to every stage they would set three trainings at once.
-OFFICIAL_TRAINING_KEYS = ("epochs", "train_batch_size", "learning_rate", "weight_decay", "stopping_step",
-                          "eval_step")
+# The official top-level training keys (the names the official commands pass) and the section(s) they
+# set within each stage (pipeline/settings.py, apply_official_keys; None: the stage trains nothing, so
+# the key is an error there). Given to every stage at once they would set three trainings.
+OFFICIAL_KEYS = {
+    "epochs": {"run": ["trainer.base"], "dec": None, "tun": ["trainer.finetune"]},
+    "stopping_step": {"run": ["trainer.base"], "dec": None, "tun": ["trainer.finetune"]},
+    "eval_step": {"run": ["trainer.base"], "dec": None, "tun": ["trainer.finetune"]},
+    "train_batch_size": {"run": ["trainer.base", "trainer.expert"], "dec": ["decoding"], "tun": ["trainer.finetune"]},
+    "learning_rate": {"run": ["trainer.base", "trainer.expert"], "dec": None, "tun": ["trainer.finetune"]},
+    "weight_decay": {"run": ["trainer.base", "trainer.expert"], "dec": None, "tun": ["trainer.finetune"]},
+}
+OFFICIAL_TRAINING_KEYS = tuple(OFFICIAL_KEYS)
+
+
+def section_key(official: str) -> str:
+    """An official key's name inside a trainer section: train_batch_size -> batch_size."""
+    return "batch_size" if official == "train_batch_size" else official
 
 
 class RoutingError(ValueError):
@@ -76,7 +89,7 @@ def route(override: str) -> tuple[str, ...]:
         raise RoutingError(f"'{override}' is not a Hydra override KEY=VALUE (or STAGE:KEY=VALUE)")
     key = key_of(override)
     if key in OFFICIAL_TRAINING_KEYS:
-        inner = "batch_size" if key == "train_batch_size" else key
+        inner = section_key(key)
         raise RoutingError(f"'{override}' would mean another training in each stage; name the one you mean: "
                            f"trainer.base.{inner}=... (Stage I, base model), trainer.expert.{inner}=... "
                            f"(experts), trainer.finetune.{inner}=... (Stage III), or pretrain:{override} / "

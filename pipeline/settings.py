@@ -4,7 +4,7 @@ top-level keys, and the adapters from config sections to the objects the code ru
 Every stage script starts with `stage_settings(cfg, stage)`: it refuses a config meant for
 another stage, an unknown key (`+epochz=3` included), a value of the wrong type or out of range,
 and then applies the official top-level training keys (`epochs=`, `train_batch_size=`, ...) to
-the stage being run (`OFFICIAL_KEYS`).
+the stage being run (`OFFICIAL_KEYS`, pipeline/routing.py, which says which stage reads which key).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from typing import Literal, Optional
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from data.paths import project_path
+from pipeline.routing import OFFICIAL_KEYS, section_key
 from pipeline.schema import ConfigError, above, at_least, from_config
 
 STAGES = {"run": "pretrain.py", "dec": "decoding.py", "tun": "finetune.py"}
@@ -215,17 +216,6 @@ class BaselineSettings(RunSettings):
 
 SCHEMAS = {"run": PipelineSettings, "dec": PipelineSettings, "tun": FinetuneSettings}
 
-# The official top-level keys (the names the official commands pass) and the section(s) they set
-# for each stage; None: the stage trains nothing, so the key is an error there.
-OFFICIAL_KEYS = {
-    "epochs": {"run": ["trainer.base"], "dec": None, "tun": ["trainer.finetune"]},
-    "stopping_step": {"run": ["trainer.base"], "dec": None, "tun": ["trainer.finetune"]},
-    "eval_step": {"run": ["trainer.base"], "dec": None, "tun": ["trainer.finetune"]},
-    "train_batch_size": {"run": ["trainer.base", "trainer.expert"], "dec": ["decoding"], "tun": ["trainer.finetune"]},
-    "learning_rate": {"run": ["trainer.base", "trainer.expert"], "dec": None, "tun": ["trainer.finetune"]},
-    "weight_decay": {"run": ["trainer.base", "trainer.expert"], "dec": None, "tun": ["trainer.finetune"]},
-}
-_SECTION_KEY = {"train_batch_size": "batch_size"}  # the official name -> the name inside a section
 
 
 def check_stage(cfg: DictConfig, expected: str) -> None:
@@ -305,10 +295,10 @@ def apply_official_keys(cfg: DictConfig, stage: str) -> None:
                 raise ConfigError(
                     f"config key '{key}' sets a training of the stage being run, and {STAGES[stage]} trains "
                     f"nothing; to name the Stage I training it decodes with, use "
-                    f"trainer.base.{_SECTION_KEY.get(key, key)}={value} (or trainer.expert.*)"
+                    f"trainer.base.{section_key(key)}={value} (or trainer.expert.*)"
                 )
             for section in sections:
-                OmegaConf.update(cfg, f"{section}.{_SECTION_KEY.get(key, key)}", value, merge=False)
+                OmegaConf.update(cfg, f"{section}.{section_key(key)}", value, merge=False)
             cfg[key] = None
 
 

@@ -1,4 +1,4 @@
-"""The rule in float32 with float64's decisions (model/contrastive.py, `_scores_float32`).
+"""The rule in float32 with float64's decisions (model/certified.py, `scores_float32`).
 
 The error bound must hold wherever the rule is used, above all where it is ill-conditioned (the
 base model and the source expert almost agree, peaked or flat distributions, probabilities that
@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import model.certified as certified
 import model.contrastive as contrastive
 from model.contrastive import DecodingRule, contrastive_scores, decode, decode_targets
 
@@ -51,7 +52,7 @@ def test_the_error_bound_holds(name, columns, source_experts):
         z = regime(name, seed=seed)
         if columns == "target items":
             z = tuple(x[:, R_T[0] - 1:R_T[1] - 1] for x in z)
-        S32, delta = contrastive._scores_float32(*z, source_experts=source_experts)
+        S32, delta = certified.scores_float32(*z, source_experts=source_experts)
         S64 = contrastive_scores(*z, source_experts=source_experts)  # float64 from the same float32 logits
         error = (S32.double() - S64).abs().amax(dim=-1)
         assert torch.isfinite(S32).all()
@@ -80,13 +81,13 @@ def test_decisions_are_float64s(name, rule):
 def spy_fallback(monkeypatch) -> list[int]:
     """Rows that `decode` hands to the float64 rule, per call."""
     rows: list[int] = []
-    exact = contrastive._decode_in_precision
+    exact = contrastive.decide
 
     def counted(z_target, *args):
         rows.append(len(z_target))
         return exact(z_target, *args)
 
-    monkeypatch.setattr(contrastive, "_decode_in_precision", counted)
+    monkeypatch.setattr(contrastive, "decide", counted)
     return rows
 
 
@@ -134,9 +135,20 @@ def test_float64_logits_and_position_weights_take_the_float64_rule(monkeypatch):
     z = regime("typical", P=8)
     decode(*(x.double() for x in z), R_T)
     decode(*z, R_T, DecodingRule(weights="position"))
-    with contrastive.computed_in(torch.float32):  # the reference code's float32, for benchmarks
-        decode(*z, R_T)
+    decode(*z, R_T, certified_float32=False)
     assert fallback == [8, 8, 8]
+
+
+def test_the_rule_in_float32_is_what_the_reference_computes_and_can_differ():
+    """`decide(..., dtype=float32)` (what benchmarks measure the reference code by) computes in float32:
+    on the ill-conditioned regime its transfer reward loses digits, so its scores are not float64's."""
+    z = regime("models agree")
+    S32 = contrastive_scores(*z, dtype=torch.float32)
+    S64 = contrastive_scores(*z)
+    assert S32.dtype == torch.float32 and S64.dtype == torch.float64
+    assert (S32.double() - S64).abs().max() > 1e-6
+    got = contrastive.decide(*z, R_T, DecodingRule(), dtype=torch.float32)
+    assert got.items.shape == (64,)
 
 
 # Several targets at once (`decode_targets`, what Stage II calls): the transfer reward is computed
@@ -184,7 +196,7 @@ def test_fused_kernels_keep_the_bound_and_the_decisions():
         z_target, z_source, z_mix = regime(name)
         for P in (64, 5):  # one kernel for every number of rows
             z = (z_target[:P], z_source[:P], z_mix[:P])
-            S32, delta = contrastive._scores_float32(*z, source_experts=True, kernels=contrastive.FUSED)
+            S32, delta = certified.scores_float32(*z, source_experts=True, kernels=certified.FUSED)
             error = (S32.double() - contrastive_scores(*z)).abs().amax(dim=-1)
             assert (error <= delta.double()).all(), name
             got = decode_targets({1: z[0], 2: z[0].flip(-1)}, z[1], z[2], {1: R_T, 2: (1, 40)}, fused=True)
@@ -199,11 +211,11 @@ def test_fused_kernels_fall_back_to_eager_when_compiling_fails(monkeypatch, capl
         return fail
 
     monkeypatch.setattr(torch, "compile", no_compiler)
-    fused = contrastive._Fused(contrastive._confidence_float32)
+    fused = certified.Fused(certified.confidence_float32)
     z = regime("typical", P=8)[0]
     with caplog.at_level("WARNING"):
         got = fused(z)
     assert fused.failed and "InvalidCxxCompiler" in caplog.text
-    want = contrastive._confidence_float32(z)
+    want = certified.confidence_float32(z)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert torch.equal(fused(z)[0], want[0])  # and stays eager, without trying again
