@@ -27,7 +27,7 @@ from data.fingerprints import fingerprint
 from data.paths import project_path
 from model.backbones import build_backbone
 from pipeline.artifacts import decoding_inputs, finetune_checkpoint, missing_regenerated, regenerated, training_source
-from pipeline.distributed import World, process_group
+from core.distributed import World, process_group
 from pipeline.runs import seed_everything, user_errors
 from pipeline.settings import rerun_command, stage_settings, train_config, variant_name
 from pipeline.stage_run import StageRun

@@ -25,7 +25,7 @@ from data import SequenceLoader
 from model.decoder import TaesarDecoder
 from model.objectives import domain_specific_objective, next_item_objective, target_scores
 from pipeline.artifacts import checkpoint_meta, stage1_inputs, stage1_paths
-from pipeline.distributed import World, process_group
+from core.distributed import World, process_group
 from pipeline.runs import user_errors
 from pipeline.settings import decoder_config, expert_variant, stage_settings, train_config
 from pipeline.stage_run import StageRun

@@ -31,10 +31,11 @@ from data import SequenceBatch, SequenceLoader
 from data.files import atomic_path, exclusive_lock
 from model.metrics import KS, RankingAccumulator, rank_of_target
 from data.fingerprints import check_inputs
-from pipeline.distributed import (
+from core.distributed import (
     all_gather, all_reduce_sum, barrier, broadcast_parameters, data_parallel, rank_alone, sum_gradients,
 )
-from pipeline.schema import ConfigError, above, at_least, check_ranges
+from core.errors import PAUSED_EXIT_CODE, CheckpointError, TrainingPaused
+from core.schema import ConfigError, above, at_least, check_ranges
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +43,7 @@ log = logging.getLogger(__name__)
 # variable, not a setting: it changes when a run stops, never what it computes); the same command
 # continues it from its resume file. For sessions with a clock (`TAESAR_TIME_LIMIT=55`).
 TIME_LIMIT_VARIABLE = "TAESAR_TIME_LIMIT"
-PAUSED_EXIT_CODE = 75  # EX_TEMPFAIL: nothing is wrong, run the command again
 _PROCESS_STARTED = time.monotonic()
-
-
-class TrainingPaused(RuntimeError):
-    """A training stopped at an epoch end because the process's time limit passed; its resume file
-    holds everything to continue it exactly."""
 
 
 def time_limit_minutes() -> float | None:
@@ -362,7 +357,7 @@ def backward_global_batch(model: nn.Module, loss_fn: LossFn, batch: SequenceBatc
 
     Under torchrun each rank takes its contiguous share of the rows. A row-mean loss is weighted by
     that share; a model whose loss reduces over the ranks itself (`loss_reduces_over_ranks`,
-    pipeline/distributed.py) gives its part of the global loss. Either way the summed gradients are
+    core/distributed.py) gives its part of the global loss. Either way the summed gradients are
     the global batch's, as one process computes them. A batch with fewer rows than ranks is rank 0's
     alone."""
     alone, weight = contextlib.nullcontext(), 1.0
@@ -471,10 +466,6 @@ def save_checkpoint(path: Path, payload: dict) -> None:
         # Through a file object, torch names the archive's root `archive` rather than after the
         # (random) temporary file: the same payload gives the same bytes.
         torch.save(payload, f)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: corrupt, unsafe to load, or made from other data or settings."""
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -54,7 +54,8 @@ from data.files import BusyError, exclusive_lock, write_text_atomic
 from data.paths import project_path
 from pipeline.records import METRICS_FILE, RecordError, read_metrics, recorded_settings, result_settings
 from pipeline.routing import split
-from pipeline.schema import describe_differences
+from core.errors import SettingsMismatch
+from core.schema import describe_differences
 from pipeline.settings import TRAIN_TYPES
 
 log = logging.getLogger(__name__)
@@ -64,11 +65,6 @@ BACKBONES = ("SASRec", "GRU4Rec", "CL4SRec", "GCEGNN")
 BASELINES = ("ABXI", "CGRec", "SyNCRec")
 SEEDS = (2025, 2026, 2027)
 MIXED_HISTORY = "full_mixed_history"  # SASRec4 evaluated with eval_history=mixed (its own row)
-
-
-class SettingsMismatch(ValueError):
-    """A recorded run made with other settings than this invocation's; the message names the run,
-    the keys that differ and how to proceed."""
 
 
 class Report:
@@ -190,7 +186,7 @@ class Report:
         from analysis.selectivity import expert_argmax_in_target
         from decoding import load_stage1
         from pipeline.artifacts import open_dataset
-        from pipeline.distributed import World
+        from core.distributed import World
 
         dataset = open_dataset(cfg)
         device = World().device(cfg.gpu_id)

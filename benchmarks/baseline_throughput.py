@@ -7,7 +7,7 @@ synthetic dataset; with `--reference`, each sped-up model against its implementa
     python benchmarks/baseline_throughput.py --threads --models CGRec GCEGNN --datasets acdt
 
 Each (model, dataset) pair runs in its own spawned child process, so that the peak RSS it reports
-is that training's own (the child's VmHWM, `pipeline.resources.peak_rss_bytes`): the model at its official size
+is that training's own (the child's VmHWM, `benchmarks.resources.peak_rss_bytes`): the model at its official size
 (config/model/*.yaml), Adam, batches of 128 `full.train` rows in the order of an epoch, one
 warm-up batch, then `--batches` timed training steps (forward, backward, update). Prints one
 markdown table row per pair.
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from pipeline.resources import peak_rss_bytes  # noqa: E402
+from benchmarks.resources import peak_rss_bytes  # noqa: E402
 
 MODELS = ("ABXI", "CGRec", "SyNCRec")
 # models with a literal copy of their implementation before the speed-ups under tests/ (`--reference`);

@@ -51,7 +51,7 @@ from data import PreparedDataset, SequenceRows, project_path  # noqa: E402
 from model.contrastive import DecodingRule  # noqa: E402
 from model.decoder import DecoderConfig, TaesarDecoder  # noqa: E402
 from model.regeneration import regenerate  # noqa: E402
-from pipeline.resources import peak_rss_bytes  # noqa: E402
+from benchmarks.resources import peak_rss_bytes  # noqa: E402
 
 
 def random_models(n_items: int, n_domains: int, device) -> tuple[TaesarDecoder, dict[int, TaesarDecoder]]:

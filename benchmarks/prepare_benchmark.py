@@ -30,7 +30,7 @@ from dataset.amazon_shape import AMAZON_2018  # noqa: E402
 from dataset.amazon_shape import generate as generate_amazon_shaped  # noqa: E402
 from dataset.prepare import prepare_files  # noqa: E402
 from dataset.synthetic import AMAZON_SCALE_RAW, SyntheticConfig, expected_rows, generate_raw  # noqa: E402
-from pipeline.resources import peak_rss_bytes  # noqa: E402
+from benchmarks.resources import peak_rss_bytes  # noqa: E402
 
 NAME = "BENCH"
 COLUMNS = (

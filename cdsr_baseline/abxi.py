@@ -38,7 +38,7 @@ from torch import nn
 from cdsr_baseline.layers import LENGTH_GROUPS, LoRA, SwiGLU, left_align
 from data import SequenceBatch
 from model.decoder import Block, FastDropout, fast_dropout
-from pipeline.schema import above, at_least
+from core.schema import above, at_least
 
 
 @dataclass(kw_only=True)

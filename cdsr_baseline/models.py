@@ -12,7 +12,7 @@ import importlib
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pipeline.schema import ConfigError, from_config
+from core.schema import ConfigError, from_config
 
 # name -> module; each module has the model class of that name, `<name>Params` and `QUIRKS`.
 BASELINES = {"ABXI": "cdsr_baseline.abxi", "CGRec": "cdsr_baseline.cgrec", "SyNCRec": "cdsr_baseline.syncrec"}

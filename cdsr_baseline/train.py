@@ -29,9 +29,9 @@ from cdsr_baseline.data import user_sequences  # noqa: E402
 from cdsr_baseline.models import build_baseline, resolve_fidelity  # noqa: E402
 from data import SequenceLoader  # noqa: E402
 from pipeline.artifacts import baseline_checkpoint, baseline_inputs  # noqa: E402
-from pipeline.distributed import World, process_group  # noqa: E402
+from core.distributed import World, process_group  # noqa: E402
 from pipeline.runs import seed_everything, user_errors  # noqa: E402
-from pipeline.schema import ConfigError  # noqa: E402
+from core.schema import ConfigError  # noqa: E402
 from pipeline.settings import baseline_settings, train_config  # noqa: E402
 from pipeline.stage_run import StageRun  # noqa: E402
 from trainer import Evaluation, evaluate, fit  # noqa: E402

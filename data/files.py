@@ -18,6 +18,8 @@ from typing import Iterator
 
 import numpy as np
 
+from core.errors import BusyError, DataError
+
 INTER_HEADER = "user_id:token\titem_id_list:token_seq\titem_id:token"
 # mkstemp creates files readable by the owner only; finished files get the
 # usual permissions instead (read once here: os.umask can only be read by setting it).
@@ -25,10 +27,6 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK
 DIR_MODE = 0o777 & ~_UMASK
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file (and line) and what was expected."""
 
 
 @dataclass(frozen=True)
@@ -134,15 +132,6 @@ def atomic_path(path: Path) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-
-
-class BusyError(RuntimeError):
-    """Another process holds the lock of what this one was about to write; `path` is the lock file
-    (a caller that would rather wait takes `exclusive_lock(path)`, then tries again)."""
-
-    def __init__(self, path: Path, what: str = ""):
-        super().__init__(f"{path}: held by another process{f' ({what})' if what else ''}")
-        self.path = Path(path)
 
 
 @contextlib.contextmanager

@@ -15,15 +15,13 @@ import hashlib
 import os
 from pathlib import Path
 
+from core.errors import StaleArtifactError
+
 _CHUNK = 1 << 20
 # (path, inode, size, mtime_ns, ctime_ns) -> digest: a file is hashed once per process unless it
 # changes. The inode change time is in the key because tools that copy or restore a file (`cp -p`,
 # `rsync -t`, `touch -r`) can give edited content its old size and modification time, but not its ctime.
 _CACHE: dict[tuple, str] = {}
-
-
-class StaleArtifactError(ValueError):
-    """An artifact made from inputs whose fingerprints no longer match the files on disk."""
 
 
 def file_digest(path: Path | str) -> str:

@@ -18,7 +18,7 @@ from model.backbone_base import Backbone
 from model.decoder import DecoderConfig, TaesarDecoder
 from model.objectives import next_item_objective, target_scores
 from model.recbole_adapter import Vocabulary, recbole_config, to_interaction
-from pipeline.schema import ConfigError, from_config, unknown_key
+from core.schema import ConfigError, from_config, unknown_key
 
 
 class SASRec(Backbone):

@@ -17,8 +17,8 @@ from data import SequenceBatch, checked_item_range
 from model.backbone_base import Backbone
 from model.decoder import DecoderConfig, SASRecParams, TaesarDecoder
 from model.objectives import LENGTH_GROUPS, next_item_objective, target_scores
-from pipeline.distributed import count_over_ranks
-from pipeline.schema import above, at_least
+from core.distributed import count_over_ranks
+from core.schema import above, at_least
 
 # the operators, as drawn per row; IDENTITY serves the rows too short to augment
 CROP, MASK, REORDER, IDENTITY = 0, 1, 2, 3

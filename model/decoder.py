@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data.domains import checked_item_range
-from pipeline.schema import ConfigError, above, at_least, from_config
+from core.schema import ConfigError, above, at_least, from_config
 
 # The feed-forward activations RecBole's SASRec offers, by its names (gelu: the exact, erf form).
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "swish": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}

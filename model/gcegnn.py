@@ -10,7 +10,7 @@ from torch import nn
 
 from data import SequenceBatch, SequenceRows, checked_item_range
 from model.backbone_base import Backbone
-from pipeline.schema import at_least
+from core.schema import at_least
 
 GLOBAL_WINDOW = 4  # a target is linked to its 4 most recent history items (fixed in RecBole-GNN)
 N_EDGE_TYPES = 4  # 0 self-loop, 1 w_k -> w_{k+1}, 2 w_{k+1} -> w_k, 3 both directions

@@ -9,7 +9,7 @@ from torch import nn
 from data import SequenceBatch, checked_item_range
 from model.backbone_base import Backbone
 from model.objectives import next_item_objective, target_scores
-from pipeline.schema import at_least, check_ranges
+from core.schema import at_least, check_ranges
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 from data import SequenceBatch
 from model.decoder import TaesarDecoder, target_states
 from model.losses import domain_specific_targets, masked_cross_entropy, next_item_targets
-from pipeline.distributed import count_over_ranks
+from core.distributed import count_over_ranks
 
 LENGTH_GROUPS = 4
 
@@ -28,7 +28,7 @@ def _grouped_loss(targets_fn, item_range, length_groups, model: TaesarDecoder, b
     if not getattr(model, "loss_reduces_over_ranks", False):
         # the trainer would weight this loss by the rank's share of rows a second time
         raise TypeError(f"{type(model).__name__} is trained with a loss that reduces over torchrun's ranks; "
-                        "declare `loss_reduces_over_ranks = True` on it (pipeline/distributed.py)")
+                        "declare `loss_reduces_over_ranks = True` on it (core/distributed.py)")
     total, count = 0.0, 0
     for rows in batch.lengths.argsort().chunk(length_groups):
         items = batch.items[rows, : int(batch.lengths[rows].max())]

@@ -13,16 +13,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from core.errors import RecordError
+
 METRICS_FILE, CONFIG_FILE = "metrics.json", "config.yaml"
 STAGES = ("pretrain", "decoding", "finetune", "baseline")
 # What each stage's metrics must hold to be a finished run's.
 REQUIRED = {"pretrain": ("valid",), "decoding": (),
             "finetune": ("dataset", "model_name", "train_type", "target_dom", "seed", "test"),
             "baseline": ("dataset", "model_name", "seed", "test")}
-
-
-class RecordError(ValueError):
-    """A run record that cannot be used; the message names the file and what is wrong with it."""
 
 
 def read_metrics(path: Path) -> dict:

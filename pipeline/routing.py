@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import sys
 
+from core.errors import RoutingError
+
 STAGES = ("prepare", "pretrain", "decoding", "finetune", "baseline")
 PIPELINE = ("pretrain", "decoding", "finetune")
 TRAINING = PIPELINE + ("baseline",)
@@ -59,10 +61,6 @@ OFFICIAL_TRAINING_KEYS = tuple(OFFICIAL_KEYS)
 def section_key(official: str) -> str:
     """An official key's name inside a trainer section: train_batch_size -> batch_size."""
     return "batch_size" if official == "train_batch_size" else official
-
-
-class RoutingError(ValueError):
-    """An override no stage can take as given; the message says what to write instead."""
 
 
 def key_of(override: str) -> str:

@@ -25,19 +25,14 @@ def user_errors(*more: type[Exception]):
     """A command's bad input ends it with `error: MESSAGE` (the message names the file, line or key)
     rather than a traceback; anything else is a bug and keeps its traceback. `more`: a command's
     own errors of that kind."""
-    from data.files import BusyError, DataError
-    from data.fingerprints import StaleArtifactError
-    from pipeline.records import RecordError
-    from pipeline.schema import ConfigError
-    from trainer import PAUSED_EXIT_CODE, CheckpointError, TrainingPaused
+    from core.errors import PAUSED_EXIT_CODE, BusyError, TrainingPaused, UserError
 
     try:
         yield
     except TrainingPaused as pause:  # not an error: the same command continues it
         print(f"paused: {pause}", file=sys.stderr)
         raise SystemExit(PAUSED_EXIT_CODE) from None
-    except (ConfigError, DataError, StaleArtifactError, CheckpointError, BusyError, RecordError, FileNotFoundError,
-            *more) as error:
+    except (UserError, BusyError, FileNotFoundError, *more) as error:
         raise SystemExit(f"error: {error}") from None
     except OSError as error:  # a read-only store, a missing permission, a full disk: the file and the reason
         raise SystemExit(f"error: {describe_os_error(error)}") from None

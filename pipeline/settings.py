@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from data.paths import project_path
 from pipeline.routing import OFFICIAL_KEYS, section_key
-from pipeline.schema import ConfigError, above, at_least, from_config
+from core.schema import ConfigError, above, at_least, from_config
 
 STAGES = {"run": "pretrain.py", "dec": "decoding.py", "tun": "finetune.py"}
 TRAINERS = ("base", "expert", "finetune")

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from dataset.prepare import prepare_dataset
 from pipeline.artifacts import open_dataset, write_settings
-from pipeline.distributed import World
+from core.distributed import World
 from pipeline.runs import RunLogger, finish_run, run_folder
 from trainer import check_meta, load_checkpoint, resume_file, resumed_seconds
 

@@ -12,7 +12,7 @@ from torch import nn
 from cdsr_baseline.layers import LoRA, SwiGLU, left_align
 from data import SequenceBatch
 from model.decoder import Block, attention_mask
-from pipeline.schema import above, at_least
+from core.schema import above, at_least
 
 
 @dataclass(kw_only=True)

@@ -35,8 +35,8 @@ from cdsr_baseline.layers import (BertParams, Intermediate, bert_blocks, bert_in
                                   left_align, sample_excluding)
 from data import SequenceBatch
 from model.decoder import attention_mask
-from pipeline.distributed import summed_over_ranks
-from pipeline.schema import at_least
+from core.distributed import summed_over_ranks
+from core.schema import at_least
 
 RESERVED = 5  # ids 0..4 of every vocabulary: pad, unknown, eos, sos, mask (the official tokenizer's)
 SHAPLEY_TEMPERATURE = 0.05  # fixed in the official code

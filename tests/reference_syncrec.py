@@ -35,8 +35,8 @@ from cdsr_baseline.layers import (BertParams, Intermediate, bert_blocks, bert_in
                                   left_align, sample_excluding)
 from data import SequenceBatch
 from model.decoder import attention_mask
-from pipeline.distributed import mean_over_ranks, rows_over_ranks, shared_permutation, summed_over_ranks
-from pipeline.schema import at_least
+from core.distributed import mean_over_ranks, rows_over_ranks, shared_permutation, summed_over_ranks
+from core.schema import at_least
 
 LOSS_SCALE = 1000.0  # the official divisor of the task losses (batch sums)
 

@@ -114,7 +114,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from pipeline.distributed import all_reduce_sum, current_world
+    from core.distributed import all_reduce_sum, current_world
 
     dist.init_process_group("gloo")
     fix_draws(_Patch())

@@ -132,7 +132,7 @@ def test_a_time_limit_pauses_at_an_epoch_end_and_the_same_call_continues_exactly
     """TAESAR_TIME_LIMIT=0: every call trains one epoch and pauses with its resume file (the command's
     exit says `paused:` with code 75); calls again until done end with the uninterrupted run's weights."""
     from pipeline.runs import user_errors
-    from pipeline.schema import ConfigError
+    from core.schema import ConfigError
     from trainer import PAUSED_EXIT_CODE, TrainingPaused, resumed_seconds, time_limit_minutes
 
     config = TrainConfig(epochs=3, learning_rate=1e-2, stopping_step=0, topk=(5, 10), keep="last")

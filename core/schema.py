@@ -16,9 +16,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal, Union
 
-
-class ConfigError(ValueError):
-    """A config key with an unknown name, a wrong type or a value out of range; the message names the key."""
+from core.errors import ConfigError
 
 
 def at_least(bound) -> dict:
