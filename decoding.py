@@ -41,12 +41,13 @@ from trainer import check_meta, load_checkpoint
 log = logging.getLogger(__name__)
 
 
-def load_stage1(cfg: DictConfig, dataset, device: torch.device) -> dict[str, TaesarDecoder]:
-    """M and every expert by role, each checked against this dataset, model and its training files."""
+def load_stage1(cfg: DictConfig, dataset, device: torch.device, paths=None) -> dict[str, TaesarDecoder]:
+    """M and every expert by role, each checked against this dataset, model and its training files
+    (`paths`: `stage1_paths(cfg)`, when the caller has it already)."""
     model_config = decoder_config(cfg, dataset.domains.n_items)
-    paths = stage1_paths(cfg)
+    paths = paths or stage1_paths(cfg)
     models = {}
-    for role, path in stage1_checkpoints(cfg, dataset).items():
+    for role, path in stage1_checkpoints(cfg, dataset, paths).items():
         saved = load_checkpoint(path)
         # The same checks as pretrain.py's before it reuses a checkpoint: an expert adapted from
         # another M, or a model trained on other data, is refused.
@@ -58,12 +59,13 @@ def load_stage1(cfg: DictConfig, dataset, device: torch.device) -> dict[str, Tae
     return models
 
 
-def _decode_sharded(cfg: DictConfig, dataset, rows, targets: list[int], rule, world: World, device: torch.device):
+def _decode_sharded(cfg: DictConfig, dataset, rows, targets: list[int], rule, world: World, device: torch.device,
+                    stage1):
     """The regenerations of `targets` (by domain index) on rank 0, None elsewhere: each rank decodes
     its contiguous share of the rows, and rank 0 joins the decisions in row order. Positions are
     decided independently, so the joined decisions, and the files, are those of one process."""
     domains = dataset.domains
-    models = load_stage1(cfg, dataset, device)
+    models = load_stage1(cfg, dataset, device, stage1)
     shard = rows.take(world.shard(len(rows))) if world.size > 1 else rows
     log.info("decoding %d of %d rows of %s into %s (%s) on %s%s", len(shard), len(rows), dataset.name,
              ", ".join(domains.names[t - 1] for t in targets), variant_name(cfg), device,
@@ -117,8 +119,9 @@ def _run_decoding(cfg: DictConfig, world: World) -> dict:
     dataset = run.dataset
     domains = dataset.domains
     targets = domains.names if cfg.target_dom == ALL_DOMAINS else [cfg.target_dom]
-    outputs = {dom: regenerated(cfg, dom) for dom in targets}
-    checkpoints = stage1_checkpoints(cfg, dataset)
+    stage1 = stage1_paths(cfg)  # once per run: every target's file and the checkpoints are keyed by it
+    outputs = {dom: regenerated(cfg, dom, stage1) for dom in targets}
+    checkpoints = stage1_checkpoints(cfg, dataset, stage1)
     inputs = {dom: decoding_inputs(cfg, dataset, dom, checkpoints) for dom in targets}
     # One job decodes these files at a time: a second one started with the same settings and seed
     # stops at once (BusyError, as a second training of a checkpoint does) instead of doing the work twice.
@@ -139,7 +142,7 @@ def _run_decoding(cfg: DictConfig, world: World) -> dict:
             seed_everything(cfg.seed)
             rows = dataset.rows("full.train")
             results = _decode_sharded(cfg, dataset, rows, [domains.index(dom) for dom in todo], rule, world,
-                                      run.device)
+                                      run.device, stage1)
             if not world.is_main:
                 return {}
             for dom in todo:

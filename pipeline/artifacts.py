@@ -179,10 +179,11 @@ def stage1_inputs(cfg: DictConfig, dataset: PreparedDataset, paths: Stage1Paths,
     return inputs
 
 
-def stage1_checkpoints(cfg: DictConfig, dataset: PreparedDataset) -> dict[str, Path]:
+def stage1_checkpoints(cfg: DictConfig, dataset: PreparedDataset, paths: Stage1Paths | None = None
+                       ) -> dict[str, Path]:
     """M and every expert of this configuration by role (`full`, `dom1`, ...); stops with what to run
-    when one is missing."""
-    paths = stage1_paths(cfg)
+    when one is missing. `paths`: `stage1_paths(cfg)`, when the caller has it already."""
+    paths = paths or stage1_paths(cfg)
     checkpoints = {role: paths.role(role) for role in ["full", *dataset.domains.names]}
     for role, path in checkpoints.items():
         if not path.is_file():
@@ -268,12 +269,13 @@ class Regenerated:
         return self.inter
 
 
-def regenerated(cfg: DictConfig, target_dom: str | None = None) -> Regenerated:
+def regenerated(cfg: DictConfig, target_dom: str | None = None, stage1: Stage1Paths | None = None) -> Regenerated:
     """Where decoding writes the regenerated file of `target_dom` (default: cfg.target_dom) for this
     configuration: keyed by the Stage I checkpoints it decodes with and the decoding options (not the
-    batch size or the memory budget, which only change speed)."""
+    batch size or the memory budget, which only change speed). `stage1`: `stage1_paths(cfg)`, when
+    the caller has it already."""
     target_dom = target_dom or cfg.target_dom
-    stage1 = stage1_paths(cfg)
+    stage1 = stage1 or stage1_paths(cfg)
     decoding = {k: v for k, v in OmegaConf.to_container(cfg.decoding, resolve=True).items()
                 if k not in ("batch_size", "memory_gb")}
     # Stage I's settings in full (not its folder's name), so that settings.json says what they were.

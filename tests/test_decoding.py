@@ -342,3 +342,22 @@ def test_a_second_decoding_of_the_same_files_stops_while_the_first_runs(trained,
     run_decoding(decoding_config(trained, f"regenerated_dir={tmp_path}/regenerated", "target_dom=dom3"))
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns)
             for p in (tmp_path / "regenerated").rglob("*") if p.is_file()} == files
+
+
+def test_a_decoding_run_computes_stage1s_paths_once(trained, tmp_path, monkeypatch):
+    """Every target's file and the checkpoints are keyed by Stage I's settings: one run over every
+    domain works them out once, not once per domain and helper."""
+    import decoding
+    import pipeline.artifacts as artifacts
+
+    calls = []
+    computed = artifacts.stage1_paths
+
+    def counted(cfg):
+        calls.append(1)
+        return computed(cfg)
+
+    monkeypatch.setattr(artifacts, "stage1_paths", counted)
+    monkeypatch.setattr(decoding, "stage1_paths", counted)
+    run_decoding(decoding_config(trained, "target_dom=all", f"regenerated_dir={tmp_path}/all"))
+    assert len(calls) == 1
