@@ -36,7 +36,7 @@ from core.distributed import World, barrier, gather_arrays, process_group
 from pipeline.runs import seed_everything, user_errors
 from pipeline.settings import decoder_config, decoding_rule, stage_settings, variant_name
 from pipeline.stage_run import StageRun
-from trainer import check_meta, load_checkpoint
+from checkpoints import check_meta, load_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,8 @@ from core.distributed import World, process_group
 from pipeline.runs import user_errors
 from pipeline.settings import decoder_config, expert_variant, stage_settings, train_config
 from pipeline.stage_run import StageRun
-from trainer import Evaluation, fit, load_checkpoint
+from checkpoints import load_checkpoint
+from trainer import Evaluation, fit
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ every epoch, so a killed run resumes where it stopped and ends with the same
 weights as an uninterrupted one; a finished run leaves one final checkpoint.
 
 Checkpoints hold tensors and plain data only and load with
-`torch.load(weights_only=True)`.
+`torch.load(weights_only=True)`; checkpoints.py writes, reads and checks them.
 """
 from __future__ import annotations
 
@@ -15,10 +15,7 @@ import contextlib
 import logging
 import math
 import os
-import pickle
-import re
 import time
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
@@ -27,15 +24,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from data import SequenceBatch, SequenceLoader
-from data.files import atomic_path, exclusive_lock
-from model.metrics import KS, RankingAccumulator, rank_of_target
-from data.fingerprints import check_inputs
+from checkpoints import check_meta, load_checkpoint, lock_file, resume_file, save_checkpoint
 from core.distributed import (
     all_gather, all_reduce_sum, barrier, broadcast_parameters, data_parallel, rank_alone, sum_gradients,
 )
-from core.errors import PAUSED_EXIT_CODE, CheckpointError, TrainingPaused
+from core.errors import PAUSED_EXIT_CODE, TrainingPaused  # noqa: F401 (PAUSED_EXIT_CODE: the exit code of a pause, for callers)
 from core.schema import ConfigError, above, at_least, check_ranges
+from data import SequenceBatch, SequenceLoader
+from data.files import exclusive_lock
+from model.metrics import KS, RankingAccumulator, rank_of_target
 
 log = logging.getLogger(__name__)
 
@@ -449,64 +446,7 @@ class _Selection:
                 state["epoch"] - 1)
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-
-def resume_file(checkpoint: Path) -> Path:
-    return Path(f"{checkpoint}.resume")
-
-
-def lock_file(checkpoint: Path) -> Path:
-    checkpoint = Path(checkpoint)
-    return checkpoint.parent / f".{checkpoint.name}.lock"
-
-
-def save_checkpoint(path: Path, payload: dict) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        # Through a file object, torch names the archive's root `archive` rather than after the
-        # (random) temporary file: the same payload gives the same bytes.
-        torch.save(payload, f)
-
-
-def load_checkpoint(path: Path) -> dict:
-    """Load a checkpoint of this project: tensors and plain data only (`weights_only=True`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        # torch's own text suggests weights_only=False, i.e. running whatever code the file holds: never.
-        # Only the part naming what was refused is passed on.
-        refused = re.search(r"WeightsUnpickler error: ([^\n]*)", str(error))
-        detail = f" ({refused.group(1).strip()[:200]})" if refused else ""
-        raise CheckpointError(
-            f"{path}: unsafe checkpoint, not loaded: it holds Python objects besides tensors and plain data"
-            f"{detail}. This project only loads its own weights-only checkpoints; delete the file or train it "
-            "again with overwrite=true"
-        ) from None
-    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as error:
-        raise CheckpointError(
-            f"{path}: corrupt or truncated checkpoint, not loaded ({type(error).__name__}: {str(error)[:200]}); "
-            "delete it or train it again with overwrite=true"
-        ) from None
-
-
-def check_meta(saved: dict, expected: dict, path: Path) -> None:
-    """Stop with a clear message when a checkpoint belongs to other data, another vocabulary or model.
-
-    Every key of `expected` must match; keys it does not name are not checked. `inputs` (the
-    fingerprints of the files a checkpoint was made from) is compared file by file.
-    """
-    # In the order `expected` lists them: the dataset first, then its vocabulary, then the model.
-    for key in expected:
-        if key == "inputs":
-            check_inputs(path, saved.get("inputs") or {}, expected["inputs"])
-        elif saved.get(key) != expected.get(key):
-            raise CheckpointError(
-                f"{path}: checkpoint {key} is {saved.get(key)!r} but this run expects {expected.get(key)!r}; "
-                "it was trained with other data or settings (use overwrite=true to train anew)"
-            )
+# --------------------------------------------------------------------------- resume state
 
 
 def _rng_states(world) -> dict:

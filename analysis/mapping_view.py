@@ -153,7 +153,7 @@ def mapping_view(embedding, domains: DomainRanges, target: str, mapping: dict, m
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from trainer import load_checkpoint  # torch is only needed by the command
+    from checkpoints import load_checkpoint  # torch is only needed by the command
 
     parser = argparse.ArgumentParser(prog="python -m analysis.mapping_view", description=__doc__.split("\n")[0])
     add_input_arguments(parser)

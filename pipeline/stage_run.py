@@ -20,7 +20,8 @@ from dataset.prepare import prepare_dataset
 from pipeline.artifacts import open_dataset, write_settings
 from core.distributed import World
 from pipeline.runs import RunLogger, finish_run, run_folder
-from trainer import check_meta, load_checkpoint, resume_file, resumed_seconds
+from checkpoints import check_meta, load_checkpoint, resume_file
+from trainer import resumed_seconds
 
 log = logging.getLogger(__name__)
 

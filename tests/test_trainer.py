@@ -11,9 +11,9 @@ from data import SequenceLoader, SequenceRows
 from model.decoder import DecoderConfig, TaesarDecoder
 from model.objectives import next_item_objective, target_scores
 from data.files import BusyError, exclusive_lock
-from trainer import (
-    CheckpointError, Evaluation, TrainConfig, evaluate, fit, load_checkpoint, lock_file, metric_key, resume_file,
-)
+from checkpoints import load_checkpoint, lock_file, resume_file
+from core.errors import CheckpointError
+from trainer import Evaluation, TrainConfig, evaluate, fit, metric_key
 
 N_ITEMS = 12
 
