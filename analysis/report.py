@@ -39,23 +39,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import shlex
 import statistics as stats
 import sys
-import tempfile
-import time
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
+from analysis.run_store import Report, machine
 from analysis.statistics import Comparison, aligned, paired_bootstrap
-from data.files import BusyError, exclusive_lock, write_text_atomic
+from data.files import write_text_atomic
 from data.paths import project_path
-from pipeline.records import METRICS_FILE, RecordError, read_metrics, recorded_settings, result_settings
-from pipeline.routing import split
-from core.errors import SettingsMismatch
-from core.schema import describe_differences
 from pipeline.settings import TRAIN_TYPES
 
 log = logging.getLogger(__name__)
@@ -65,205 +58,6 @@ BACKBONES = ("SASRec", "GRU4Rec", "CL4SRec", "GCEGNN")
 BASELINES = ("ABXI", "CGRec", "SyNCRec")
 SEEDS = (2025, 2026, 2027)
 MIXED_HISTORY = "full_mixed_history"  # SASRec4 evaluated with eval_history=mixed (its own row)
-
-
-class Report:
-    """The runs of one report: where their metrics go, and running each one at most once."""
-
-    def __init__(self, dataset: str, out: Path, overrides: list[str], collect_only: bool = False,
-                 rerun: bool = False):
-        self.dataset, self.out, self.overrides = dataset, Path(out), list(overrides)
-        split(self.overrides)  # a key no stage can take as given stops the report before it runs anything
-        self.collect_only, self.rerun = collect_only, rerun
-        self.built: set[tuple[int, str]] = set()  # (seed, Stage I tag) whose artifacts this process made sure of
-
-    def run(self, name: str, stage: str, overrides: list[str], needs: Callable[[], None] | None = None) -> dict | None:
-        """The metrics of run `name` (OUT/runs/NAME/metrics.json), running the stage when it has no
-        usable record of these settings (with `collect_only`, None instead); `needs` makes its inputs
-        first (only when it runs)."""
-        folder = self.out / "runs" / name
-        recorded = self.recorded(name, stage, overrides)
-        if recorded is not None or self.collect_only:
-            return recorded
-        if needs is not None:
-            needs()
-            recorded = self.recorded(name, stage, overrides)
-            if recorded is not None:  # what it needed was this run (Stage II of the selectivity study)
-                return recorded
-        from trainer import resumed_seconds
-
-        started, earlier = time.perf_counter(), resumed_seconds()
-        metrics = self.call(stage, overrides, folder)
-        # the wall time of what this call ran (nothing was reused by the stage when it trained) and of the
-        # earlier pieces of a training it resumed, and where
-        timing = {"seconds": time.perf_counter() - started + resumed_seconds() - earlier, "machine": machine()}
-        if resumed_seconds() > earlier:
-            timing["resumed_seconds"] = resumed_seconds() - earlier
-        write_text_atomic(folder / "seconds.json", json.dumps(timing) + "\n")
-        return metrics
-
-    def recorded(self, name: str, stage: str, overrides: list[str]) -> dict | None:
-        """The recorded metrics of run `name` when they are whole and were made with the settings this
-        invocation would run it with; None when it is to be run (no record, or one that cannot be
-        read, which is logged). A record of other settings stops the report (SettingsMismatch),
-        unless `rerun`."""
-        folder = self.out / "runs" / name
-        if not (folder / METRICS_FILE).exists():
-            return None
-        try:
-            metrics = read_metrics(folder / METRICS_FILE)
-        except RecordError as error:
-            log.warning("%s; %s", error, "left out" if self.collect_only else "running it again")
-            return None
-        try:
-            differences = describe_differences(recorded_settings(folder, stage),
-                                               result_settings(stage, self.config(stage, overrides, folder)))
-        except RecordError as error:
-            differences = str(error)
-        if not differences:
-            return metrics
-        if self.rerun and not self.collect_only:
-            log.warning("%s: recorded with other settings (%s); --rerun: running it again, replacing its record",
-                        folder, differences)
-            (folder / "rebuilt.json").unlink(missing_ok=True)  # of the record being replaced
-            return None
-        raise SettingsMismatch(
-            f"{folder}: recorded with other settings than this invocation's (recorded -> now: {differences}). "
-            "Runs of other settings are neither reused nor averaged together: write this report to another "
-            "--out, or pass --rerun to run such runs again here, replacing their records")
-
-    def config(self, stage: str, overrides: list[str], run_dir: Path):
-        """The config a stage of this report runs with (composed and checked)."""
-        from pipeline.settings import compose
-
-        return compose(stage, [f"dataset={self.dataset}", *overrides, *self.for_stage(stage), f"run_dir={run_dir}"])
-
-    def call(self, stage: str, overrides: list[str], run_dir: Path) -> dict:
-        from cdsr_baseline.train import run_baseline
-        from decoding import run_decoding
-        from finetune import run_finetune
-        from pretrain import run_pretrain
-
-        runner = {"pretrain": run_pretrain, "decoding": run_decoding, "finetune": run_finetune,
-                  "baseline": run_baseline}[stage]
-        cfg = self.config(stage, overrides, run_dir)
-        while True:
-            try:
-                return runner(cfg)
-            except BusyError as busy:
-                # Another job (a second report building the same table) trains this artifact now: wait
-                # for it, then call again, which reuses what it made (or resumes it, had it died).
-                log.info("%s; waiting for it to finish, then reusing what it made", busy)
-                with exclusive_lock(busy.path):
-                    pass
-
-    def probe(self, name: str, seed: int, stage1: list[str]) -> dict | None:
-        """The selectivity probe of one seed's Stage I (analysis/selectivity.py) for every target
-        domain, cached in OUT/runs/NAME.json with the key of the Stage I settings it probed (with
-        `collect_only`, only what is cached); a cache of other Stage I settings is treated like a run
-        of other settings (SettingsMismatch, or made again with `rerun`)."""
-        from pipeline.artifacts import settings_key
-
-        path = self.out / "runs" / f"{name}.json"
-        cfg = self.config("decoding", [f"seed={seed}", "target_dom=all", *stage1], path.parent)
-        key = settings_key(result_settings("pretrain", cfg))
-        if path.is_file():
-            try:
-                cached = json.loads(path.read_text(encoding="utf-8"))
-                recorded_key, targets = cached["stage1"], cached["targets"]
-            except (ValueError, KeyError, TypeError) as error:
-                log.warning("%s: not a probe record (%s); %s", path, error,
-                            "left out" if self.collect_only else "probing again")
-            else:
-                if recorded_key == key:
-                    return targets
-                if self.collect_only or not self.rerun:
-                    raise SettingsMismatch(f"{path}: probed Stage I settings {recorded_key}, this invocation's are "
-                                           f"{key}; write this report to another --out, or pass --rerun")
-        if self.collect_only:
-            return None
-        self.pipeline(seed, stage1)
-        from analysis.selectivity import expert_argmax_in_target
-        from decoding import load_stage1
-        from pipeline.artifacts import open_dataset
-        from core.distributed import World
-
-        dataset = open_dataset(cfg)
-        device = World().device(cfg.gpu_id)
-        models = load_stage1(cfg, dataset, device)
-        rows = dataset.rows("full.train")
-        probe = {dom: expert_argmax_in_target(models[dom], rows, dataset.domains, t, cfg.MAX_ITEM_LIST_LENGTH,
-                                              device=device)
-                 for t, dom in enumerate(dataset.domains.names, start=1)}
-        write_text_atomic(path, json.dumps({"stage1": key, "targets": probe}, indent=1) + "\n")
-        return probe
-
-    def trains_as_configured(self, which: str, stage1: list[str]) -> bool:
-        """Whether Stage I overrides leave the training of `which` (base, expert) as this report's
-        configuration has it, so that the runs without them are the same runs."""
-        from pipeline.settings import compose
-
-        def training(extra):
-            return compose("pretrain", [f"dataset={self.dataset}", *self.for_stage("pretrain"), *extra]).trainer[which]
-
-        return training(stage1) == training([])
-
-    def timing(self, name: str) -> dict | None:
-        """What seconds.json recorded of run `name`: its wall time and (runs since it was recorded) machine."""
-        path = self.out / "runs" / name / "seconds.json"
-        if not path.is_file():
-            return None
-        try:
-            timing = json.loads(path.read_text(encoding="utf-8"))
-            return timing if isinstance(timing, dict) and isinstance(timing.get("seconds"), (int, float)) else None
-        except ValueError:
-            log.warning("%s: not valid JSON; the wall time of %s is left out", path, name)
-            return None
-
-    def for_stage(self, stage: str) -> list[str]:
-        """The overrides a stage gets: `STAGE:KEY=VALUE` for that stage alone, the others for the stages
-        that read their keys (pipeline/routing.py, as run.sh routes them)."""
-        return split(self.overrides)[stage]
-
-    def pipeline(self, seed: int, stage1: list[str] = ()) -> None:
-        """Make sure the Stage I checkpoints and Stage II files of one seed (and Stage I settings) exist,
-        every target domain decoded in one pass.
-
-        A run recorded in OUT/runs is no proof that its artifacts are still here (a report continued on
-        another machine, a cleaned checkpoint folder), so a recorded stage is called again into a scratch
-        folder: the stage reuses what exists and rebuilds the rest. The recorded metrics and wall time
-        stay; OUT/runs/NAME/rebuilt.json keeps the rebuild's metrics and where they differ from the
-        recorded ones (another CPU's arithmetic), and a difference is logged."""
-        tag = "-".join(o.replace("=", "") for o in stage1) or "default"
-        if self.collect_only or (seed, tag) in self.built:
-            return
-        for name, stage, overrides in ((f"stage1/{tag}/seed{seed}", "pretrain", [f"seed={seed}", *stage1]),
-                                       (f"stage2/{tag}/all-seed{seed}", "decoding",
-                                        [f"seed={seed}", "target_dom=all", *stage1])):
-            recorded = self.recorded(name, stage, overrides)
-            if recorded is None:
-                self.run(name, stage, overrides)
-                continue
-            with tempfile.TemporaryDirectory() as scratch:
-                rebuilt = self.call(stage, overrides, Path(scratch))
-            differences = _differences(recorded, rebuilt)
-            if differences:
-                log.warning("%s: rebuilt on %s, its metrics differ from the recorded ones at %s (where a "
-                            "regenerated file's sha256 differs, the runs made from the recorded artifacts had "
-                            "other inputs than those made from now on)", name, machine(), "; ".join(differences))
-            write_text_atomic(self.out / "runs" / name / "rebuilt.json",
-                              json.dumps({"matches": not differences, "differences": differences,
-                                          "machine": machine(), "metrics": rebuilt}, indent=1, sort_keys=True) + "\n")
-        self.built.add((seed, tag))
-
-
-def _differences(recorded, rebuilt, at: str = "") -> list[str]:
-    """Where a rebuilt stage's metrics differ from the recorded ones, over the keys both have (a
-    newer version may record more) less where the artifacts lie (paths differ between checkouts)."""
-    if isinstance(recorded, dict) and isinstance(rebuilt, dict):
-        return [difference for key in sorted(recorded.keys() & rebuilt.keys()) if key not in ("checkpoints", "file")
-                for difference in _differences(recorded[key], rebuilt[key], f"{at}/{key}")]
-    return [] if recorded == rebuilt else [f"{at}: {recorded} recorded, {rebuilt} rebuilt"]
 
 
 def domains_of(dataset: str, overrides: list[str]) -> list[str]:
@@ -544,17 +338,6 @@ def figures(report: Report, seed: int, domains: list[str]) -> list[Path]:
     return paths
 
 
-def machine() -> str:
-    import os
-
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else ""
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__} with {torch.get_num_threads()} threads, {device}"
-
-
 def main(argv: list[str] | None = None) -> str:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -578,7 +361,7 @@ def main(argv: list[str] | None = None) -> str:
     args.argv = argv
     from pipeline.runs import user_errors
 
-    with user_errors(SettingsMismatch, RecordError):
+    with user_errors():  # SettingsMismatch and RecordError are user errors too
         return _report(args)
 
 

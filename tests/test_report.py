@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from analysis.report import machine, main
+from analysis.report import main
+from analysis.run_store import machine
 from tests.conftest import TINY_MODEL, tiny_overrides
 
 
@@ -115,7 +116,7 @@ def test_report_waits_for_another_job_training_the_same_checkpoint(tmp_path, cap
     import logging
     import threading
 
-    from analysis.report import Report
+    from analysis.run_store import Report
     from data.files import exclusive_lock
     from pipeline.artifacts import stage1_paths
     from pipeline.settings import compose
@@ -138,16 +139,16 @@ def test_report_waits_for_another_job_training_the_same_checkpoint(tmp_path, cap
 
     holder = threading.Thread(target=other_job)
     watch = Watch()
-    logging.getLogger("analysis.report").addHandler(watch)
+    logging.getLogger("analysis.run_store").addHandler(watch)
     try:
-        with caplog.at_level(logging.INFO, logger="analysis.report"):
+        with caplog.at_level(logging.INFO, logger="analysis.run_store"):
             holder.start()
             held.wait(timeout=60)  # the other job holds the lock before the report starts
             metrics = Report("synthetic", tmp_path / "report", overrides).call("pretrain", ["seed=2025"],
                                                                              tmp_path / "run")
         holder.join()
     finally:
-        logging.getLogger("analysis.report").removeHandler(watch)
+        logging.getLogger("analysis.run_store").removeHandler(watch)
     assert waiting.is_set() and base.is_file()
     assert metrics["stage"] == "pretrain" and "full" in metrics["valid"]
     assert (tmp_path / "run" / "metrics.json").is_file()

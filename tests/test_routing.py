@@ -84,7 +84,7 @@ def test_run_sh_reads_the_table_through_the_command_line():
 
 
 def test_the_report_routes_its_overrides_through_the_table(tmp_path):
-    from analysis.report import Report
+    from analysis.run_store import Report
 
     report = Report("ACDT", tmp_path, ["model_name=GRU4Rec", "decoding:decoding.memory_gb=1", "gpu_id=1"])
     assert report.for_stage("pretrain") == ["gpu_id=1"]
