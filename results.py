@@ -33,7 +33,7 @@ from data.files import write_text_atomic
 from data.paths import project_path
 from pipeline.records import RecordError, read_metrics, recorded_settings
 from core.schema import describe_differences
-from pipeline.settings import TRAIN_TYPES
+from pipeline.schemas import TRAIN_TYPES
 
 METRICS = ("hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr@10", "mrr@20")
 METRIC_NAMES = {"hr": "HR", "ndcg": "NDCG", "mrr": "MRR"}

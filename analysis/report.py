@@ -49,7 +49,7 @@ from analysis.run_store import Report, machine
 from analysis.statistics import Comparison, aligned, paired_bootstrap
 from data.files import write_text_atomic
 from data.paths import project_path
-from pipeline.settings import TRAIN_TYPES
+from pipeline.schemas import TRAIN_TYPES
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ def test_every_backbone_config_passes_the_schema(model_name):
 def test_every_declared_key_is_read():
     """Each key of config/overall.yaml and of the stage configs is a field of the schema (so the schema
     refuses what no code reads), and each schema field is in the configs."""
-    from pipeline.settings import FinetuneSettings
+    from pipeline.schemas import FinetuneSettings
 
     declared = set(compose("finetune", ["train_type=sim", "target_dom=dom1"]))
     fields = {f.name for f in dataclasses.fields(FinetuneSettings)}
