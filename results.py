@@ -12,8 +12,9 @@ deviation). Writes `table.md` and `table.csv` (one column per metric, mean and
 std apart) and prints the Markdown.
 
 Only like with like: a run's settings are read from the config.yaml beside its
-metrics.json (`pipeline.records.result_settings`, less the seed and the target
-domain), and the seeds of one cell are runs of the same settings. Runs of one
+metrics.json, or from its line in a report's store (`runs/*.jsonl`)
+(`pipeline.records.result_settings`, less the seed and the target domain),
+and the seeds of one cell are runs of the same settings. Runs of one
 model and train type made with other settings get rows of their own, marked
 with the key of their settings, and the differences are listed under the
 table. Two runs of the same seed and settings count once when their test
@@ -27,11 +28,13 @@ import io
 import json
 import statistics
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 from data.files import write_text_atomic
 from data.paths import project_path
-from pipeline.records import RecordError, read_metrics, recorded_settings
+from pipeline.records import (STORE_SUFFIX, RecordError, RunStore, check_config, check_metrics, read_metrics,
+                              recorded_settings, settings_of)
 from core.schema import describe_differences
 from pipeline.schemas import TRAIN_TYPES
 
@@ -49,35 +52,48 @@ def metric_label(metric: str) -> str:
 
 
 def collect(folders: list[Path]) -> list[dict]:
-    """One record per (run, target domain) of every fine-tuning and baseline run below the folders
-    (a baseline's run holds every domain), each with its settings (`settings`: their key;
+    """One record per (run, target domain) of every fine-tuning and baseline run below the folders: run
+    folders (metrics.json beside config.yaml) and the stores of reports (`runs/*.jsonl`); a
+    baseline's run holds every domain. Each record carries its settings (`settings`: their key;
     `settings_values`: the settings themselves)."""
     from pipeline.artifacts import settings_key
 
     records, origin = {}, {}
+    for where, metrics, settings_of_stage in recorded_runs(folders):
+        if metrics["stage"] == "finetune":
+            runs = [metrics]
+        elif metrics["stage"] == "baseline":
+            runs = [{"dataset": metrics["dataset"], "model_name": metrics["model_name"], "train_type": MIXED,
+                     "target_dom": dom, "variant": None, "seed": metrics["seed"], "test": test}
+                    for dom, test in metrics["test"].items()]
+        else:
+            continue
+        settings = row_settings(settings_of_stage(metrics["stage"]))
+        for run in runs:
+            record = {**run, "settings": settings_key(settings), "settings_values": settings}
+            key = (record["dataset"], *row_label(record), record["target_dom"], record["seed"], record["settings"])
+            if key not in records:
+                records[key], origin[key] = record, where
+            elif records[key]["test"] != record["test"]:
+                raise RecordError(f"{where}: a run of the same seed and settings as {origin[key]} "
+                                  f"({record['model_name']} {record['train_type']} {record['target_dom']} seed "
+                                  f"{record['seed']}) with other test metrics; keep the one that is meant and move "
+                                  "the other out of the folders given")
+    return list(records.values())
+
+
+def recorded_runs(folders: list[Path]):
+    """(where, metrics, settings of a stage) of every run recorded below the folders, checked."""
     for folder in folders:
         for path in sorted(Path(folder).rglob("metrics.json")):
-            metrics = read_metrics(path)
-            if metrics["stage"] == "finetune":
-                runs = [metrics]
-            elif metrics["stage"] == "baseline":
-                runs = [{"dataset": metrics["dataset"], "model_name": metrics["model_name"], "train_type": MIXED,
-                         "target_dom": dom, "variant": None, "seed": metrics["seed"], "test": test}
-                        for dom, test in metrics["test"].items()]
-            else:
-                continue
-            settings = row_settings(recorded_settings(path.parent, metrics["stage"]))
-            for run in runs:
-                record = {**run, "settings": settings_key(settings), "settings_values": settings}
-                key = (record["dataset"], *row_label(record), record["target_dom"], record["seed"], record["settings"])
-                if key not in records:
-                    records[key], origin[key] = record, path
-                elif records[key]["test"] != record["test"]:
-                    raise RecordError(f"{path}: a run of the same seed and settings as {origin[key]} "
-                                      f"({record['model_name']} {record['train_type']} {record['target_dom']} seed "
-                                      f"{record['seed']}) with other test metrics; keep the one that is meant and move "
-                                      "the other out of the folders given")
-    return list(records.values())
+            yield str(path), read_metrics(path), partial(recorded_settings, path.parent)
+        stores = sorted({p.parent for p in Path(folder).rglob(f"*{STORE_SUFFIX}") if p.parent.name == "runs"})
+        for store in map(RunStore, stores):
+            for record in store.records():
+                if "metrics" in record:  # not a probe
+                    where = f"{store.file(record['name'])} ({record['name']})"
+                    yield (where, check_metrics(record["metrics"], where),
+                           partial(settings_of, check_config(record.get("config"), where), where=where))
 
 
 def row_settings(settings: dict) -> dict:

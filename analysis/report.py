@@ -21,18 +21,23 @@ Parts (`--parts`, all by default):
   target expert's own arg-max lies (analysis/selectivity.py).
 
 Every run goes through the stage functions, which reuse every finished artifact (prepared data,
-checkpoints, regenerated files) and resume an interrupted training; each run's metrics.json lands
-in `OUT/runs/...` beside the config.yaml it ran with, so the report can be built up over several
-invocations. A run already there is not repeated when the settings it recorded are the ones this
-invocation would run it with (`pipeline.records.result_settings`: everything its results depend
-on, not where files lie); when they differ, the report stops and names the run and the keys, so
-that runs of other settings are never reused or averaged with these: write to another `--out`, or
-pass `--rerun` to run such runs again here, replacing their records. A record that cannot be read
-(cut, empty, not JSON) is named in the log and run again. The report can move: where a missing run needs Stage I and II artifacts
-that are not on this machine, they are rebuilt, and `OUT/runs/stage*/.../rebuilt.json` says whether
-the rebuild reproduced the recorded metrics. `OUT/report.md` and its tables, CSVs and figures are
-written from whatever runs exist. Hydra overrides for every stage follow `--`; `STAGE:KEY=VALUE`
-(pretrain, decoding, finetune, baseline) goes to one stage only.
+checkpoints, regenerated files) and resume an interrupted training. Each run's record (its metrics,
+the resolved config it ran with, its wall time) is a line of the report's store, `OUT/runs/PART.jsonl`
+(one file per part: stage1, stage2, table2, baselines, table3, selectivity; pipeline.records.RunStore),
+and the stage's own folder (its config.yaml, metrics.json and logs) is `OUT/logs/NAME/`, so the report
+can be built up over several invocations. A run already recorded is not repeated when the settings it
+recorded are the ones this invocation would run it with (`pipeline.records.result_settings`:
+everything its results depend on, not where files lie); when they differ, the report stops and names
+the run and the keys, so that runs of other settings are never reused or averaged with these: write to
+another `--out`, or pass `--rerun` to run such runs again here, replacing their records. A record that
+cannot be used (its metrics cut or empty) is named in the log and run again; a line that is not JSON
+stops the report at its file and line. A report written by an earlier version, with a folder per run
+in `OUT/runs/`, is moved into the store when first read (the folders go to `OUT/logs/`). The report
+can move: where a missing run needs Stage I and II artifacts that are not on this machine, they are
+rebuilt, and the Stage I and II records' `rebuilt` says whether the rebuild reproduced the recorded
+metrics. `OUT/report.md` and its tables, CSVs and figures are written from whatever runs exist. Hydra
+overrides for every stage follow `--`; `STAGE:KEY=VALUE` (pretrain, decoding, finetune, baseline) goes
+to one stage only.
 """
 from __future__ import annotations
 
@@ -214,7 +219,7 @@ def write_report(out: Path, args, parts: dict) -> str:
     command = shlex.join(["python", "-m", "analysis.report", *args.argv])
     lines = [f"# Report: {args.dataset}", "",
              f"Seeds {', '.join(map(str, args.seeds))}; command `{command}` (every argument and override as "
-             f"given); written on {machine()} (each run's seconds.json names the machine that ran it, where it "
+             f"given); written on {machine()} (each run's record names the machine that ran it under `seconds`, where it "
              "was recorded).", ""]
     if "table2" in parts:
         from results import headline, metric_label, per_backbone
@@ -351,9 +356,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--expert-epochs", nargs="*", default=["5", "10", "20", "40"])
     parser.add_argument("--out", type=Path, default=Path("results/report"))
     parser.add_argument("--collect-only", action="store_true",
-                        help="write the report from the runs already in OUT/runs, running nothing")
+                        help="write the report from the runs already recorded in OUT/runs, running nothing")
     parser.add_argument("--rerun", action="store_true",
-                        help="run again the runs in OUT/runs recorded with other settings than this invocation's, "
+                        help="run again the runs recorded in OUT/runs with other settings than this invocation's, "
                              "replacing their records (without it the report stops at the first such run)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every stage, after `--`")
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -1,13 +1,13 @@
-"""The runs of a report, each made at most once: where a run's metrics.json and seconds.json go
-(`OUT/runs/NAME/`), whether a record there may be used for this invocation (the settings its
-results depend on must be this invocation's: else SettingsMismatch, or `--rerun`), running a stage
-when it must (waiting for another process that trains the same artifact), and rebuilding the
-Stage I and II artifacts a recorded run needs on a machine that lacks them, with a note of whether
-the rebuild reproduced the record. analysis/report.py plans the study over these runs and writes it.
+"""The runs of a report, each made at most once: their records in the report's store (OUT/runs/*.jsonl,
+pipeline.records.RunStore; each stage's own folder, its logs, in OUT/logs/NAME/), whether a record
+there may be used for this invocation (the settings its results depend on must be this invocation's:
+else SettingsMismatch, or `--rerun`), running a stage when it must (waiting for another process that
+trains the same artifact), and rebuilding the Stage I and II artifacts a recorded run needs on a
+machine that lacks them, with a note of whether the rebuild reproduced the record.
+analysis/report.py plans the study over these runs and writes it.
 """
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import tempfile
@@ -15,10 +15,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from omegaconf import OmegaConf
+
 from core.errors import SettingsMismatch
 from core.schema import describe_differences
-from data.files import BusyError, exclusive_lock, write_text_atomic
-from pipeline.records import METRICS_FILE, RecordError, read_metrics, recorded_settings, result_settings
+from data.files import BusyError, exclusive_lock
+from pipeline.records import (CONFIG_FILE, RecordError, RunStore, check_config, check_metrics, result_settings,
+                              settings_of)
 from pipeline.routing import split
 
 log = logging.getLogger(__name__)
@@ -33,12 +36,16 @@ class Report:
         split(self.overrides)  # a key no stage can take as given stops the report before it runs anything
         self.collect_only, self.rerun = collect_only, rerun
         self.built: set[tuple[int, str]] = set()  # (seed, Stage I tag) whose artifacts this process made sure of
+        self.store, self.logs = RunStore(self.out / "runs"), self.out / "logs"
+        adopted = self.store.adopt_folders(self.logs)
+        if adopted:
+            log.info("moved %d runs recorded as folders (an earlier layout) into %s/*.jsonl; their folders are in %s",
+                     len(adopted), self.store.root, self.logs)
 
     def run(self, name: str, stage: str, overrides: list[str], needs: Callable[[], None] | None = None) -> dict | None:
-        """The metrics of run `name` (OUT/runs/NAME/metrics.json), running the stage when it has no
-        usable record of these settings (with `collect_only`, None instead); `needs` makes its inputs
-        first (only when it runs)."""
-        folder = self.out / "runs" / name
+        """The metrics of run `name`, running the stage when the store has no usable record of these
+        settings (with `collect_only`, None instead); `needs` makes its inputs first (only when it runs)."""
+        folder = self.logs / name
         recorded = self.recorded(name, stage, overrides)
         if recorded is not None or self.collect_only:
             return recorded
@@ -56,7 +63,8 @@ class Report:
         timing = {"seconds": time.perf_counter() - started + resumed_seconds() - earlier, "machine": machine()}
         if resumed_seconds() > earlier:
             timing["resumed_seconds"] = resumed_seconds() - earlier
-        write_text_atomic(folder / "seconds.json", json.dumps(timing) + "\n")
+        config = OmegaConf.to_container(OmegaConf.load(folder / CONFIG_FILE), resolve=False)
+        self.store.replace(name, metrics=metrics, config=config, seconds=timing)
         return metrics
 
     def recorded(self, name: str, stage: str, overrides: list[str]) -> dict | None:
@@ -64,28 +72,28 @@ class Report:
         invocation would run it with; None when it is to be run (no record, or one that cannot be
         read, which is logged). A record of other settings stops the report (SettingsMismatch),
         unless `rerun`."""
-        folder = self.out / "runs" / name
-        if not (folder / METRICS_FILE).exists():
+        record = self.store.get(name)
+        if record is None or "metrics" not in record:
             return None
+        where = f"{self.store.file(name)} ({name})"
         try:
-            metrics = read_metrics(folder / METRICS_FILE)
+            metrics = check_metrics(record["metrics"], where)
         except RecordError as error:
             log.warning("%s; %s", error, "left out" if self.collect_only else "running it again")
             return None
         try:
-            differences = describe_differences(recorded_settings(folder, stage),
-                                               result_settings(stage, self.config(stage, overrides, folder)))
+            differences = describe_differences(settings_of(check_config(record.get("config"), where), stage, where),
+                                               result_settings(stage, self.config(stage, overrides, self.logs / name)))
         except RecordError as error:
             differences = str(error)
         if not differences:
             return metrics
         if self.rerun and not self.collect_only:
             log.warning("%s: recorded with other settings (%s); --rerun: running it again, replacing its record",
-                        folder, differences)
-            (folder / "rebuilt.json").unlink(missing_ok=True)  # of the record being replaced
+                        where, differences)
             return None
         raise SettingsMismatch(
-            f"{folder}: recorded with other settings than this invocation's (recorded -> now: {differences}). "
+            f"{where}: recorded with other settings than this invocation's (recorded -> now: {differences}). "
             "Runs of other settings are neither reused nor averaged together: write this report to another "
             "--out, or pass --rerun to run such runs again here, replacing their records")
 
@@ -116,26 +124,26 @@ class Report:
 
     def probe(self, name: str, seed: int, stage1: list[str]) -> dict | None:
         """The selectivity probe of one seed's Stage I (analysis/selectivity.py) for every target
-        domain, cached in OUT/runs/NAME.json with the key of the Stage I settings it probed (with
-        `collect_only`, only what is cached); a cache of other Stage I settings is treated like a run
-        of other settings (SettingsMismatch, or made again with `rerun`)."""
+        domain, kept in the store as record NAME (`probe`) with the key of the Stage I settings it probed
+        (with `collect_only`, only what is kept); a probe of other Stage I settings is treated like a
+        run of other settings (SettingsMismatch, or made again with `rerun`)."""
         from pipeline.artifacts import settings_key
 
-        path = self.out / "runs" / f"{name}.json"
-        cfg = self.config("decoding", [f"seed={seed}", "target_dom=all", *stage1], path.parent)
+        where = f"{self.store.file(name)} ({name})"
+        cfg = self.config("decoding", [f"seed={seed}", "target_dom=all", *stage1], self.logs / name)
         key = settings_key(result_settings("pretrain", cfg))
-        if path.is_file():
+        cached = (self.store.get(name) or {}).get("probe")
+        if cached is not None:
             try:
-                cached = json.loads(path.read_text(encoding="utf-8"))
                 recorded_key, targets = cached["stage1"], cached["targets"]
-            except (ValueError, KeyError, TypeError) as error:
-                log.warning("%s: not a probe record (%s); %s", path, error,
+            except (KeyError, TypeError) as error:
+                log.warning("%s: not a probe record (%s); %s", where, error,
                             "left out" if self.collect_only else "probing again")
             else:
                 if recorded_key == key:
                     return targets
                 if self.collect_only or not self.rerun:
-                    raise SettingsMismatch(f"{path}: probed Stage I settings {recorded_key}, this invocation's are "
+                    raise SettingsMismatch(f"{where}: probed Stage I settings {recorded_key}, this invocation's are "
                                            f"{key}; write this report to another --out, or pass --rerun")
         if self.collect_only:
             return None
@@ -152,7 +160,7 @@ class Report:
         probe = {dom: expert_argmax_in_target(models[dom], rows, dataset.domains, t, cfg.MAX_ITEM_LIST_LENGTH,
                                               device=device)
                  for t, dom in enumerate(dataset.domains.names, start=1)}
-        write_text_atomic(path, json.dumps({"stage1": key, "targets": probe}, indent=1) + "\n")
+        self.store.replace(name, probe={"stage1": key, "targets": probe})
         return probe
 
     def trains_as_configured(self, which: str, stage1: list[str]) -> bool:
@@ -166,16 +174,9 @@ class Report:
         return training(stage1) == training([])
 
     def timing(self, name: str) -> dict | None:
-        """What seconds.json recorded of run `name`: its wall time and (runs since it was recorded) machine."""
-        path = self.out / "runs" / name / "seconds.json"
-        if not path.is_file():
-            return None
-        try:
-            timing = json.loads(path.read_text(encoding="utf-8"))
-            return timing if isinstance(timing, dict) and isinstance(timing.get("seconds"), (int, float)) else None
-        except ValueError:
-            log.warning("%s: not valid JSON; the wall time of %s is left out", path, name)
-            return None
+        """The recorded wall time of run `name` (`seconds`) and (runs since it was recorded) machine."""
+        timing = (self.store.get(name) or {}).get("seconds")
+        return timing if isinstance(timing, dict) and isinstance(timing.get("seconds"), (int, float)) else None
 
     def for_stage(self, stage: str) -> list[str]:
         """The overrides a stage gets: `STAGE:KEY=VALUE` for that stage alone, the others for the stages
@@ -186,10 +187,10 @@ class Report:
         """Make sure the Stage I checkpoints and Stage II files of one seed (and Stage I settings) exist,
         every target domain decoded in one pass.
 
-        A run recorded in OUT/runs is no proof that its artifacts are still here (a report continued on
+        A run recorded in the store is no proof that its artifacts are still here (a report continued on
         another machine, a cleaned checkpoint folder), so a recorded stage is called again into a scratch
         folder: the stage reuses what exists and rebuilds the rest. The recorded metrics and wall time
-        stay; OUT/runs/NAME/rebuilt.json keeps the rebuild's metrics and where they differ from the
+        stay; the record's `rebuilt` keeps the rebuild's metrics and where they differ from the
         recorded ones (another CPU's arithmetic), and a difference is logged."""
         tag = "-".join(o.replace("=", "") for o in stage1) or "default"
         if self.collect_only or (seed, tag) in self.built:
@@ -208,9 +209,8 @@ class Report:
                 log.warning("%s: rebuilt on %s, its metrics differ from the recorded ones at %s (where a "
                             "regenerated file's sha256 differs, the runs made from the recorded artifacts had "
                             "other inputs than those made from now on)", name, machine(), "; ".join(differences))
-            write_text_atomic(self.out / "runs" / name / "rebuilt.json",
-                              json.dumps({"matches": not differences, "differences": differences,
-                                          "machine": machine(), "metrics": rebuilt}, indent=1, sort_keys=True) + "\n")
+            self.store.update(name, rebuilt={"matches": not differences, "differences": differences,
+                                             "machine": machine(), "metrics": rebuilt})
         self.built.add((seed, tag))
 
 

@@ -1,5 +1,6 @@
-"""What a finished run leaves in its folder, read back with checks: `metrics.json` (its numbers) and
-`config.yaml` (the resolved settings it ran with), and the settings its results depend on.
+"""What a finished run leaves, read back with checks: in its folder, `metrics.json` (its numbers) and
+`config.yaml` (the resolved settings it ran with); in a report's store (`RunStore`), the same two as
+one line of a JSON Lines file; and the settings its results depend on.
 
 The report (analysis/report.py) reuses a recorded run only when the settings it would run with
 are the recorded ones, and the results table (results.py) puts runs into one cell only when their
@@ -14,6 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from core.errors import RecordError
+from data.files import exclusive_lock, write_text_atomic
 
 METRICS_FILE, CONFIG_FILE = "metrics.json", "config.yaml"
 STAGES = ("pretrain", "decoding", "finetune", "baseline")
@@ -24,8 +26,7 @@ REQUIRED = {"pretrain": ("valid",), "decoding": (),
 
 
 def read_metrics(path: Path) -> dict:
-    """A run's metrics.json, checked: valid JSON, an object naming its stage, with the keys that
-    stage's metrics hold. Raises RecordError (file named) otherwise, `{}` included."""
+    """A run's metrics.json, checked (`check_metrics`). Raises RecordError (file named) otherwise."""
     path = Path(path)
     try:
         metrics = json.loads(path.read_text(encoding="utf-8"))
@@ -34,17 +35,23 @@ def read_metrics(path: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise RecordError(f"{path}: not valid JSON ({error}); an interrupted copy or an edit, not a run's "
                           "record") from None
+    return check_metrics(metrics, str(path))
+
+
+def check_metrics(metrics, where: str) -> dict:
+    """A run's metrics, checked: an object naming its stage, with the keys that stage's metrics hold.
+    Raises RecordError naming `where` otherwise, `{}` included."""
     if not isinstance(metrics, dict):
-        raise RecordError(f"{path}: expected a JSON object of a run's metrics, got {type(metrics).__name__}")
+        raise RecordError(f"{where}: expected a JSON object of a run's metrics, got {type(metrics).__name__}")
     stage = metrics.get("stage")
     if stage is None and "rows_out" in metrics:
         stage = metrics["stage"] = "decoding"  # one target's decoding, as recorded before 2026-12
     if stage not in REQUIRED:
-        raise RecordError(f"{path}: not a run's metrics: its 'stage' is {stage!r}, expected one of "
+        raise RecordError(f"{where}: not a run's metrics: its 'stage' is {stage!r}, expected one of "
                           f"{', '.join(STAGES)}")
     missing = [key for key in REQUIRED[stage] if key not in metrics]
     if missing:
-        raise RecordError(f"{path}: a {stage} run's metrics without {', '.join(missing)}: the run did not finish "
+        raise RecordError(f"{where}: a {stage} run's metrics without {', '.join(missing)}: the run did not finish "
                           "or the file was cut")
     return metrics
 
@@ -58,8 +65,15 @@ def read_config(folder: Path) -> DictConfig:
         cfg = OmegaConf.load(path)
     except Exception as error:  # noqa: BLE001 - any YAML or OmegaConf error: the file is not a config
         raise RecordError(f"{path}: not a readable config ({type(error).__name__}: {error})") from None
+    return check_config(cfg, str(path))
+
+
+def check_config(cfg, where: str) -> DictConfig:
+    """A recorded config (a mapping, or one read already) as a DictConfig; RecordError naming `where`."""
+    if isinstance(cfg, dict):
+        cfg = OmegaConf.create(cfg)
     if not isinstance(cfg, DictConfig):
-        raise RecordError(f"{path}: expected a mapping of settings")
+        raise RecordError(f"{where}: expected a mapping of settings")
     return cfg
 
 
@@ -92,9 +106,125 @@ def result_settings(stage: str, cfg: DictConfig) -> dict:
 
 def recorded_settings(folder: Path, stage: str) -> dict:
     """`result_settings` of the run recorded in `folder` (from its config.yaml)."""
-    cfg = read_config(folder)
+    return settings_of(read_config(folder), stage, str(Path(folder) / CONFIG_FILE))
+
+
+def settings_of(cfg: DictConfig, stage: str, where: str) -> dict:
+    """`result_settings` of a recorded config; RecordError naming `where` when it cannot be read."""
     try:
         return result_settings(stage, cfg)
-    except Exception as error:  # noqa: BLE001 - a config of an older layout: say which file
-        raise RecordError(f"{Path(folder) / CONFIG_FILE}: its settings cannot be read as a {stage} run's "
+    except Exception as error:  # noqa: BLE001 - a config of an older layout: say which record
+        raise RecordError(f"{where}: its settings cannot be read as a {stage} run's "
                           f"({type(error).__name__}: {error})") from None
+
+
+STORE_SUFFIX = ".jsonl"
+# A run's record as an earlier version of the report kept it: a folder of files, OUT/runs/NAME/.
+FOLDER_FILES = {"seconds": "seconds.json", "rebuilt": "rebuilt.json"}
+
+
+class RunStore:
+    """The runs of a report, recorded in one folder (OUT/runs/): one JSON Lines file per part of the
+    report (the first component of a run's name: `table2/SASRec-new-dom1-seed2025` is a line of
+    `table2.jsonl`), one line per run, sorted by name. A line is an object holding the run's `name`
+    and what was recorded of it: its `metrics`; `config`, the resolved settings it ran with; `seconds`,
+    its wall time and machine; `rebuilt`, what rebuilding its artifacts on another machine gave; or a
+    probe's `probe`. A handful of files that git diffs and merges line by line, where a folder of
+    files per run made a thousand.
+
+    Every change rewrites its file whole, under the store's lock and through a temporary file, so
+    that two reports writing one store lose neither's lines and a reader never sees half a file."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def file(self, name: str) -> Path:
+        part, _, rest = name.partition("/")
+        if not part or not rest:
+            raise ValueError(f"a run's name is PART/NAME, got {name!r}")
+        return self.root / f"{part}{STORE_SUFFIX}"
+
+    def get(self, name: str) -> dict | None:
+        """The record of run `name`, or None."""
+        return self._read(self.file(name)).get(name)
+
+    def update(self, name: str, **fields) -> dict:
+        """Set fields of the record of run `name` (creating it); a field set to None is removed."""
+        return self._change(name, fields, keep=True)
+
+    def replace(self, name: str, **fields) -> dict:
+        """Make the record of run `name` these fields alone (a run made again)."""
+        return self._change(name, fields, keep=False)
+
+    def records(self) -> list[dict]:
+        """Every record, part by part and by name."""
+        return [record for path in sorted(self.root.glob(f"*{STORE_SUFFIX}")) for record in self._read(path).values()]
+
+    def _change(self, name: str, fields: dict, keep: bool) -> dict:
+        path = self.file(name)
+        with exclusive_lock(self.root / ".store.lock"):
+            records = self._read(path)
+            record = {**(records.get(name, {}) if keep else {}), **fields, "name": name}
+            records[name] = {key: value for key, value in record.items() if value is not None}
+            write_text_atomic(path, "".join(json.dumps(records[n], sort_keys=True) + "\n" for n in sorted(records)))
+        return records[name]
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, dict]:
+        if not path.is_file():
+            return {}
+        records = {}
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise RecordError(f"{path}:{number}: not a JSON object ({error}); an edit or a merge left it so: "
+                                  "mend the line, or remove it to run that run again") from None
+            if not isinstance(record, dict) or not isinstance(record.get("name"), str):
+                raise RecordError(f"{path}:{number}: expected a JSON object with the run's name")
+            if record["name"] in records:
+                raise RecordError(f"{path}:{number}: a second record of {record['name']}; keep the one that is meant")
+            records[record["name"]] = record
+        return records
+
+    def adopt_folders(self, logs: Path) -> list[str]:
+        """Move the runs an earlier version recorded as folders (OUT/runs/NAME/ with metrics.json,
+        config.yaml, seconds.json and rebuilt.json; a probe as OUT/runs/NAME.json) into the store.
+        Each folder, with whatever else it holds (the stage's logs), then moves to `logs`/NAME:
+        nothing is deleted. Returns the names adopted; a folder whose name the store already holds
+        with another record stops it (RecordError), since one of the two is not meant."""
+        adopted = []
+        for metrics_file in sorted(self.root.glob(f"*/**/{METRICS_FILE}")):
+            folder = metrics_file.parent
+            name = folder.relative_to(self.root).as_posix()
+            fields = {"metrics": read_metrics(metrics_file),
+                      "config": OmegaConf.to_container(read_config(folder), resolve=False)}
+            for field, file in FOLDER_FILES.items():
+                if (folder / file).is_file():
+                    fields[field] = json.loads((folder / file).read_text(encoding="utf-8"))
+            self._adopt(name, fields, folder, Path(logs) / name)
+            adopted.append(name)
+        for probe in sorted(self.root.glob("*/**/probe-*.json")):
+            name = probe.relative_to(self.root).with_suffix("").as_posix()
+            self._adopt(name, {"probe": json.loads(probe.read_text(encoding="utf-8"))}, probe,
+                        Path(logs) / probe.relative_to(self.root))
+            adopted.append(name)
+        for folder in sorted((p for p in self.root.glob("*/**") if p.is_dir()), key=lambda p: -len(p.parts)):
+            if not any(folder.iterdir()):
+                folder.rmdir()  # the emptied parents of the moved folders
+        return adopted
+
+    def _adopt(self, name: str, fields: dict, source: Path, destination: Path) -> None:
+        recorded = self.get(name)
+        if recorded is not None and recorded != {**fields, "name": name}:
+            raise RecordError(f"{source}: run {name} is also recorded in {self.file(name)} with other contents; "
+                              "move the one that is not meant out of the way")
+        if recorded is None:
+            self.replace(name, **fields)
+        if destination.exists():
+            raise RecordError(f"{source}: moving it to {destination} after recording it in {self.file(name)}, "
+                              "but that path exists; move one of them out of the way")
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        source.rename(destination)

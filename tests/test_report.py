@@ -6,7 +6,15 @@ import json
 
 from analysis.report import main
 from analysis.run_store import machine
+from pipeline.records import RunStore
 from tests.conftest import TINY_MODEL, tiny_overrides
+
+
+def drop_record(store: RunStore, name: str) -> None:
+    """Remove a run's line from its store file, as a user deleting it by hand would."""
+    path = store.file(name)
+    path.write_text("".join(line + "\n" for line in path.read_text().splitlines()
+                            if json.loads(line)["name"] != name))
 
 
 def test_report_on_tiny_data_is_complete_and_resumable(tmp_path):
@@ -33,22 +41,28 @@ def test_report_on_tiny_data_is_complete_and_resumable(tmp_path):
     assert {(r["trained"], r["epochs"]) for r in selectivity} == {("base", "1"), ("expert", "1")}
     assert {r["source"] for r in selectivity} == {"dom2", "dom3"}
     assert all(0.0 <= r["converted"] <= 1.0 and 0.0 <= r["expert_argmax_in_target"] <= 1.0 for r in selectivity)
-    assert len(list((out / "runs" / "selectivity").rglob("probe-seed2025.json"))) == 2  # one per setting
+    records = RunStore(out / "runs").records()
+    assert len([r for r in records if "probe" in r and r["name"].endswith("probe-seed2025")]) == 2  # one per setting
     # one expert epoch is what these overrides train anyway: that setting's rows are the default runs
-    assert sorted(p.name for p in (out / "runs" / "stage1").iterdir()) == [
-        "default", "trainer.base.epochs1-trainer.base.stopping_step0-trainer.base.keeplast"]
+    assert sorted(r["name"] for r in records if r["name"].startswith("stage1/")) == [
+        "stage1/default/seed2025", "stage1/trainer.base.epochs1-trainer.base.stopping_step0-trainer.base.keeplast/seed2025"]
     assert (out / "selectivity.png").read_bytes().startswith(b"\x89PNG")
-    stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("metrics.json")}
     # stage I, stage II (all domains), table 2 (sim, full, new, full with mixed histories); base 1 epoch:
-    # I, II, III; expert 1 epoch: III (on the default Stage II)
-    assert len(stamps) == 1 + 1 + 4 + (1 + 1 + 1) + 1
+    # I, II, III; expert 1 epoch: III (on the default Stage II); each with its config and wall time
+    runs = [r for r in records if "metrics" in r]
+    assert len(runs) == 1 + 1 + 4 + (1 + 1 + 1) + 1
+    assert all(r["config"]["seed"] == 2025 and r["seconds"]["seconds"] > 0 for r in runs)
+    assert sorted(p.name for p in (out / "runs").iterdir()) == [
+        ".store.lock", "selectivity.jsonl", "stage1.jsonl", "stage2.jsonl", "table2.jsonl"]  # no folder per run
+    assert (out / "logs" / "table2" / "SASRec-new-dom1-seed2025" / "metrics.json").is_file()  # the stage's own
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.jsonl")}
     assert main(argv) == text  # nothing run again, the same report
-    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("metrics.json")} == stamps
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.jsonl")} == stamps
     # collect-only with more seeds: the missing seed's runs are not made, the table has what exists
     collected = main([*argv[:3], "2025", "2026", *argv[4:-len(overrides) - 1], "--collect-only", "--",
                       *overrides])
     assert "| TINY | SASRec | new (taesar) |" in collected
-    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("metrics.json")} == stamps
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.jsonl")} == stamps
 
 
 def test_claims_against_the_baselines_pair_the_same_users():
@@ -81,24 +95,23 @@ def test_report_continued_elsewhere_rebuilds_the_artifacts_a_missing_run_needs(t
     argv = ["--dataset", "synthetic", "--seeds", "2025", "--domains", "dom1", "--backbones", "SASRec",
             "--baselines", "--parts", "table2", "--out", str(tmp_path / "report"), "--", *overrides]
     main(argv)
-    runs = tmp_path / "report" / "runs"
-    new = runs / "table2" / "SASRec-new-dom1-seed2025" / "metrics.json"
-    first = json.loads(new.read_text())
+    store = RunStore(tmp_path / "report" / "runs")
+    new = "table2/SASRec-new-dom1-seed2025"
+    first = store.get(new)["metrics"]
     # Stage I's record as another machine's arithmetic would have left it
-    stage1 = runs / "stage1" / "default" / "seed2025" / "metrics.json"
-    recorded = json.loads(stage1.read_text())
+    stage1 = "stage1/default/seed2025"
+    recorded = store.get(stage1)["metrics"]
     measured = recorded["valid"]["dom1"]["ndcg@10"]
     recorded["valid"]["dom1"]["ndcg@10"] = measured + 1e-9
-    stage1.write_text(json.dumps(recorded))
-    stamp = stage1.stat().st_mtime_ns
+    store.update(stage1, metrics=recorded)
+    timing = store.get(stage1)["seconds"]
     for folder in ("checkpoint", "regenerated"):
         shutil.rmtree(tmp_path / folder)
-    new.unlink()
+    drop_record(store, new)
     main(argv)
-    assert json.loads(new.read_text())["test"] == first["test"]  # the same regenerated rows, deterministically
-    assert stage1.stat().st_mtime_ns == stamp and json.loads(stage1.read_text()) == recorded
-    rebuilt = {stage: json.loads((runs / stage / "rebuilt.json").read_text())
-               for stage in ("stage1/default/seed2025", "stage2/default/all-seed2025")}
+    assert store.get(new)["metrics"]["test"] == first["test"]  # the same regenerated rows, deterministically
+    assert store.get(stage1)["metrics"] == recorded and store.get(stage1)["seconds"] == timing  # kept
+    rebuilt = {stage: store.get(stage)["rebuilt"] for stage in ("stage1/default/seed2025", "stage2/default/all-seed2025")}
     assert rebuilt["stage1/default/seed2025"]["matches"] is False
     assert rebuilt["stage1/default/seed2025"]["differences"] == [
         f"/valid/dom1/ndcg@10: {measured + 1e-9} recorded, {measured} rebuilt"]
@@ -170,26 +183,26 @@ def test_a_recorded_run_is_reused_only_with_the_settings_it_was_made_with(tmp_pa
             "--baselines", "--parts", "table2", "--out", str(tmp_path / "report"), "--", *overrides]
     text = main(argv)
     assert f"command `{shlex.join(['python', '-m', 'analysis.report', *argv])}`" in text
-    runs = tmp_path / "report" / "runs"
-    sim = runs / "table2" / "SASRec-sim-dom1-seed2025"
-    recorded = json.loads((sim / "metrics.json").read_text())
+    store = RunStore(tmp_path / "report" / "runs")
+    sim = "table2/SASRec-sim-dom1-seed2025"
+    recorded = store.get(sim)
 
     longer = [*argv, "finetune:trainer.finetune.epochs=2"]
-    with pytest.raises(SystemExit, match=rf"error: {sim}: recorded with other settings .*training\.epochs: 1 -> 2"
-                                         r".*another --out, or pass --rerun"):
+    with pytest.raises(SystemExit, match=rf"error: {store.file(sim)} \({sim}\): recorded with other settings "
+                                         r".*training\.epochs: 1 -> 2.*another --out, or pass --rerun"):
         main(longer)
     with pytest.raises(SystemExit, match="training.epochs: 1 -> 2"):
         main([*longer[:-len(overrides) - 2], "--collect-only", *longer[-len(overrides) - 2:]])  # nor collected
-    assert json.loads((sim / "metrics.json").read_text()) == recorded  # nothing was replaced
+    assert store.get(sim) == recorded  # nothing was replaced
 
-    (sim / "metrics.json").write_text("{}")  # a cut record: run again, not taken as done
+    store.update(sim, metrics={})  # a cut record: run again, not taken as done
     with caplog.at_level(logging.WARNING, logger="analysis.report"):
         main(argv)
     assert "not a run's metrics" in caplog.text and "running it again" in caplog.text
-    assert json.loads((sim / "metrics.json").read_text())["test"] == recorded["test"]
+    assert store.get(sim)["metrics"]["test"] == recorded["metrics"]["test"]
 
     text = main(["--rerun", *longer])  # the runs of other settings made again, replacing their records
     assert "trainer.finetune.epochs=2" in text.split("\n")[2]
-    assert "epochs: 2" in (sim / "config.yaml").read_text()
+    assert store.get(sim)["config"]["trainer"]["finetune"]["epochs"] == 2
     again = main(longer)  # now recorded with these settings: reused, the same tables
     assert again.split("\n")[3:] == text.split("\n")[3:] and "--rerun" not in again.split("\n")[2]
