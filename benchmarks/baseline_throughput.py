@@ -16,19 +16,15 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks.resources import peak_rss_bytes  # noqa: E402
+from benchmarks.resources import peak_rss_bytes
 
 MODELS = ("ABXI", "CGRec", "SyNCRec")
-# models with a literal copy of their implementation before the speed-ups under tests/ (`--reference`);
+# models with a literal copy of their implementation before the speed-ups under reference/ (`--reference`);
 # the Stage III backbones are timed as fine-tuning trains them, on the rows of a mixed (`full`) or a
 # target domain's (`dom1`) training file (GCE-GNN: prefix-expanded)
 SPED_UP = ("ABXI", "CGRec", "SyNCRec", "GCEGNN", "CL4SRec")
@@ -59,7 +55,7 @@ def _train(model_name: str, dataset_name: str, batches: int, device: str, refere
            threads: int | None = None) -> tuple[float, int, float, float, float]:
     from omegaconf import OmegaConf
 
-    from cdsr_baseline.data import user_sequences
+    from cdsr_baseline.inputs import user_sequences
     from cdsr_baseline.models import build_baseline
     from data import SequenceLoader
     from pipeline.settings import compose
@@ -75,8 +71,8 @@ def _train(model_name: str, dataset_name: str, batches: int, device: str, refere
         model_name = "SyNCRec" if recompute else model_name
         cfg = compose("baseline", [f"model={model_name}"])
         sequences = user_sequences(dataset, 128)
-        if reference:  # the implementation before the speed-ups, kept literally under tests/
-            module = __import__(f"tests.reference_{model_name.lower()}", fromlist=["_"])
+        if reference:  # the implementation before the speed-ups, kept literally under reference/
+            module = __import__(f"reference.{model_name.lower()}", fromlist=["_"])
             params = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
             inputs = () if model_name == "ABXI" else (sequences,)  # ABXI's negatives need no sequences
             model = getattr(module, model_name)(dataset.domains.n_items, list(dataset.domains.starts), *inputs,
@@ -122,8 +118,8 @@ def _backbone(dataset, name: str, split: str, reference: bool):
     params = OmegaConf.to_container(cfg.model, resolve=True)
     rows = dataset.rows(split)
     n_items = dataset.domains.n_items
-    if reference:  # the implementation before the speed-ups, kept literally under tests/
-        module = __import__(f"tests.reference_{name.lower()}", fromlist=["_"])
+    if reference:  # the implementation before the speed-ups, kept literally under reference/
+        module = __import__(f"reference.{name.lower()}", fromlist=["_"])
         model = getattr(module, f"Reference{name}")(n_items, 128, **{k: v for k, v in params.items() if k != "name"})
     else:
         model = build_backbone(name, n_items, 128, params)
@@ -165,7 +161,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=5, help="timed training steps per pair")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reference", action="store_true",
-                        help="the implementation before the speed-ups (tests/reference_*.py) and the current one, "
+                        help="the implementation before the speed-ups (reference/*.py) and the current one, "
                              "side by side, one thread each, with the matmul FLOP floor")
     parser.add_argument("--threads", action="store_true",
                         help="the current implementation with one thread, with two, and as two one-thread jobs at "

@@ -10,7 +10,7 @@ pass per model over every row, timed alone); the project's decoder
 pass; the reference code's strategy (`reference_strategy`: a batched forward
 pass per model with logits at every position, then a Python loop over
 timesteps and source domains, the rule in float32) for dom4 and four times for
-the four domains; and the per-timestep loop of `tests/reference_decoder.py`,
+the four domains; and the per-timestep loop of `reference/decoder.py`,
 which re-encodes every prefix (on the first `--plain-rows` rows, extrapolated).
 First a check: with the reference shift on and the rule in float64, the
 reference strategy writes the project's items.
@@ -45,13 +45,12 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from data import PreparedDataset, SequenceRows, project_path  # noqa: E402
-from model.contrastive import DecodingRule  # noqa: E402
-from model.decoder import DecoderConfig, TaesarDecoder  # noqa: E402
-from model.regeneration import regenerate  # noqa: E402
-from benchmarks.resources import peak_rss_bytes  # noqa: E402
+from data import PreparedDataset, SequenceRows, project_path
+from model.contrastive import DecodingRule
+from model.decoder import DecoderConfig, TaesarDecoder
+from model.regeneration import regenerate
+from benchmarks.resources import peak_rss_bytes
 
 
 def random_models(n_items: int, n_domains: int, device) -> tuple[TaesarDecoder, dict[int, TaesarDecoder]]:
@@ -123,7 +122,7 @@ def acdt(plain_rows: int) -> None:
     from omegaconf import OmegaConf
 
     from dataset.prepare import prepare_dataset
-    from tests.reference_decoder import reference_regenerate
+    from reference.decoder import reference_regenerate
 
     prepare_dataset(OmegaConf.load(project_path("config/dataset/ACDT.yaml")), "dataset", progress=False)
     dataset = PreparedDataset(project_path("dataset"), "ACDT")
@@ -162,7 +161,7 @@ def acdt(plain_rows: int) -> None:
     print(f"| reference strategy, one target (dom4) | 1 | {reference_one:.2f} | {reference_one / one:.2f}x the project |")
     print(f"| project, target_dom=all (one pass) | 4 | {every:.2f} | {every / floor:.2f}x the floor |")
     print(f"| reference strategy, run 4 times | 4 | {reference_all:.2f} | {reference_all / every:.2f}x the project |")
-    print(f"| per-timestep loop of tests/ (re-encodes every prefix; {len(subset)} rows, extrapolated) | 1 | "
+    print(f"| per-timestep loop of reference/ (re-encodes every prefix; {len(subset)} rows, extrapolated) | 1 | "
           f"{plain_all:.2f} | {plain_all / one:.1f}x the project |")
 
 

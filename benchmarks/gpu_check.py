@@ -28,15 +28,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from data import PreparedDataset, SequenceLoader, project_path  # noqa: E402
-from model.contrastive import DecodingRule  # noqa: E402
-from model.decoder import DecoderConfig, TaesarDecoder  # noqa: E402
-from model.regeneration import regenerate  # noqa: E402
+from data import PreparedDataset, SequenceLoader, project_path
+from model.contrastive import DecodingRule
+from model.decoder import DecoderConfig, TaesarDecoder
+from model.regeneration import regenerate
 
 TINY_ROWS = 12  # rows of the dry run's decoding, training and baseline steps
 
@@ -166,7 +165,7 @@ def training_epochs(dataset: PreparedDataset, device: str, dry: bool) -> list[tu
 
 
 def baseline_steps(dataset: PreparedDataset, device: str, dry: bool) -> list[tuple[str, str, float]]:
-    from cdsr_baseline.data import user_sequences
+    from cdsr_baseline.inputs import user_sequences
     from cdsr_baseline.models import build_baseline, resolve_fidelity
     from pipeline.settings import compose
 

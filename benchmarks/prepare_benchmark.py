@@ -17,20 +17,17 @@ import dataclasses
 import multiprocessing
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-# Runnable as a file from anywhere: the repo root holds the `dataset` package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataset.amazon_shape import AMAZON_2018  # noqa: E402
-from dataset.amazon_shape import generate as generate_amazon_shaped  # noqa: E402
-from dataset.prepare import prepare_files  # noqa: E402
-from dataset.synthetic import AMAZON_SCALE_RAW, SyntheticConfig, expected_rows, generate_raw  # noqa: E402
-from benchmarks.resources import peak_rss_bytes  # noqa: E402
+from dataset.amazon_shape import AMAZON_2018
+from dataset.amazon_shape import generate as generate_amazon_shaped
+from dataset.prepare import prepare_files
+from dataset.synthetic import AMAZON_SCALE_RAW, SyntheticConfig, expected_rows, generate_raw
+from benchmarks.resources import peak_rss_bytes
 
 NAME = "BENCH"
 COLUMNS = (

@@ -23,21 +23,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from data import PreparedDataset, SequenceLoader, project_path  # noqa: E402
-from dataset.prepare import prepare_dataset  # noqa: E402
-from model.decoder import DecoderConfig, TaesarDecoder  # noqa: E402
-from model.objectives import next_item_objective  # noqa: E402
-from model.recbole_adapter import build_recbole_model, to_interaction  # noqa: E402
+from data import PreparedDataset, SequenceLoader, project_path
+from dataset.prepare import prepare_dataset
+from model.decoder import DecoderConfig, TaesarDecoder
+from model.objectives import next_item_objective
+from model.recbole_adapter import build_recbole_model, to_interaction
 
 
 def main() -> None:
@@ -102,7 +97,7 @@ def main() -> None:
 
     flops = {name: epoch_flops(name) for name in models}
     threads = torch.get_num_threads()
-    from baseline_throughput import gemm_rate  # noqa: E402  (the same GEMM the baselines' floor uses)
+    from benchmarks.baseline_throughput import gemm_rate  # the same GEMM the baselines' floor uses
 
     rate = gemm_rate(threads) if device.type == "cpu" else float("nan")
     for name in models:

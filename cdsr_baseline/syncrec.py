@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from cdsr_baseline.data import domain_of
+from cdsr_baseline.inputs import domain_of
 from cdsr_baseline.layers import (BertParams, Intermediate, bert_blocks, bert_init, binary_loss,
                                   in_length_groups, left_align, sample_excluding)
 from data import SequenceBatch

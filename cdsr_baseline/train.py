@@ -17,24 +17,20 @@ test metrics to `metrics.json`; results.py puts them into the Table 2 layout.
 from __future__ import annotations
 
 import logging
-import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repository root
-
-from cdsr_baseline.data import user_sequences  # noqa: E402
-from cdsr_baseline.models import build_baseline, resolve_fidelity  # noqa: E402
-from data import SequenceLoader  # noqa: E402
-from pipeline.artifacts import baseline_checkpoint, baseline_inputs  # noqa: E402
-from core.distributed import World, process_group  # noqa: E402
-from pipeline.runs import seed_everything, user_errors  # noqa: E402
-from core.schema import ConfigError  # noqa: E402
-from pipeline.settings import baseline_settings, train_config  # noqa: E402
-from pipeline.stage_run import StageRun  # noqa: E402
-from trainer import Evaluation, evaluate, fit  # noqa: E402
+from cdsr_baseline.inputs import user_sequences
+from cdsr_baseline.models import build_baseline, resolve_fidelity
+from data import SequenceLoader
+from pipeline.artifacts import baseline_checkpoint, baseline_inputs
+from core.distributed import World, process_group
+from pipeline.runs import seed_everything, user_errors
+from core.schema import ConfigError
+from pipeline.settings import baseline_settings, train_config
+from pipeline.stage_run import StageRun
+from trainer import Evaluation, evaluate, fit
 
 log = logging.getLogger(__name__)
 

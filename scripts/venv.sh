@@ -41,6 +41,12 @@ if ! grep -qx "$wanted" "$STAMP" 2>/dev/null; then
     echo "$wanted" >> "$STAMP"
 fi
 
+# The repository root is a package path for every entry point (python pretrain.py,
+# python cdsr_baseline/train.py, python benchmarks/...): a .pth file in the environment says so,
+# as an editable install would, without building anything.
+PTH="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/taesar-root.pth"
+[ "$(cat "$PTH" 2>/dev/null)" = "$ROOT" ] || echo "$ROOT" > "$PTH"
+
 export PATH="$VENV/bin:$PATH"
 # Runs never reach out: wandb stays offline unless a config asks otherwise, and
 # no library phones home for updates.

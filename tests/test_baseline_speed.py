@@ -1,7 +1,7 @@
 """The faster ABXI, CGRec and SyNCRec compute what they computed before, and their dropout is nn.Dropout's.
 
-The implementations before the speed-ups are kept literally in tests/reference_abxi.py,
-tests/reference_cgrec.py and tests/reference_syncrec.py. With dropout off and the draws that are not dropout fixed (negatives,
+The implementations before the speed-ups are kept literally in reference/abxi.py,
+reference/cgrec.py and reference/syncrec.py. With dropout off and the draws that are not dropout fixed (negatives,
 gate noise, SyNCRec's permutation drawn alike), the loss, every gradient, the running state and the
 evaluation scores equal the reference's on a hand-made batch of rows of many lengths. The dropout
 (model.decoder.keep_mask) keeps each element with probability 1 - p and scales it by 1 / (1 - p),
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from data import SequenceBatch
 from model.decoder import Block, attend, attention_mask, fast_dropout, keep_mask
 from cdsr_baseline.abxi import ABXI, packed_block
-from tests import reference_abxi, reference_cgrec, reference_syncrec
+from reference import abxi as reference_abxi, cgrec as reference_cgrec, syncrec as reference_syncrec
 from tests.test_data_parallel import STARTS, fixed_negatives
 
 NO_DROPOUT = {"num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 16, "hidden_dropout_prob": 0.0,
@@ -238,7 +238,7 @@ def test_cgrec_heads_at_the_read_positions_are_the_whole_computation_read_there(
     (the kept positions); every dropout draws its whole mask, so with dropout on too and the same seed,
     the states there are those of the whole computation, and 0 elsewhere."""
     from cdsr_baseline.cgrec import CGRec
-    from cdsr_baseline.data import domain_of
+    from cdsr_baseline.inputs import domain_of
 
     sequences, batch = batch_of_many_lengths()
     params = NO_DROPOUT | {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}

@@ -12,7 +12,7 @@ import torch
 
 from cdsr_baseline.abxi import ABXI, compact, domain_inputs, positions, sample_negatives
 from cdsr_baseline.cgrec import CGRec, coalitions, shapley_values
-from cdsr_baseline.data import domain_of, user_sequences
+from cdsr_baseline.inputs import domain_of, user_sequences
 from cdsr_baseline.layers import BertParams, LoRA, bert_blocks, bert_init, binary_loss, left_align, sample_excluding
 from cdsr_baseline.syncrec import SyNCRec
 from cdsr_baseline.train import run_baseline

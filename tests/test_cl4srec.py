@@ -190,9 +190,9 @@ def test_loss_is_main_plus_weighted_contrastive(item_range):
 
 def test_the_grouped_contrastive_loss_equals_the_one_before():
     """Views in length groups with the last block at the read positions only (model/cl4srec.py): with
-    dropout off, the loss and every gradient of the implementation before (tests/reference_cl4srec.py),
+    dropout off, the loss and every gradient of the implementation before (reference/cl4srec.py),
     the augmentations drawn alike; with dropout on, the same seed gives the same bytes."""
-    from tests.reference_cl4srec import ReferenceCL4SRec
+    from reference.cl4srec import ReferenceCL4SRec
 
     batch = make_batch([16, 12, 9, 14, 2, 5, 7, 3, 11, 16], seed=4)
     quiet = PARAMS | {"hidden_dropout_prob": 0.0, "attn_dropout_prob": 0.0}

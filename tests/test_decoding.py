@@ -22,7 +22,7 @@ from pipeline.artifacts import decoding_inputs, regenerated, stage1_paths
 from pipeline.settings import decoding_rule
 from tests.conftest import compose, tiny_overrides
 from tests.helpers import fork_dataset
-from tests.reference_decoder import reference_regenerate
+from reference.decoder import reference_regenerate
 
 HEADER = "user_id:token\titem_id_list:token_seq\titem_id:token"
 # Stage I settings key the checkpoint folders: every stage of a pipeline passes the same ones.

@@ -179,8 +179,8 @@ def test_session_graph_matches_edge_lists_and_has_one_self_loop_per_node():
 
 def test_session_graph_is_the_dense_one_before_it_in_the_same_order():
     """The edge list equals the nonzeros of the dense (B, 4, n, n) matrix of the implementation before
-    (tests/reference_gcegnn.py), in the same (b, t, i, j) order, so the sums over edges are the same."""
-    from tests.reference_gcegnn import dense_session_graph
+    (reference/gcegnn.py), in the same (b, t, i, j) order, so the sums over edges are the same."""
+    from reference.gcegnn import dense_session_graph
 
     rows = random_rows(60, 7, seed=5, max_len=20)
     batch = batch_of([rows.sequence(r).tolist() for r in range(len(rows))])
@@ -239,9 +239,9 @@ def test_batched_model_matches_the_per_session_reference(graph_rows):
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_loss_and_gradients_equal_the_dense_implementation(graph_rows, dropout):
     """The edge-list local branch and the distinct-pair global branch compute what the dense
-    implementation before them computed (kept literally in tests/reference_gcegnn.py): with dropout off,
+    implementation before them computed (kept literally in reference/gcegnn.py): with dropout off,
     and with it on too, since they draw the same masks in the same order."""
-    from tests.reference_gcegnn import ReferenceGCEGNN
+    from reference.gcegnn import ReferenceGCEGNN
 
     graph = random_rows(graph_rows, N_ITEMS, seed=1)
     params = PARAMS | dict(dropout_local=dropout, dropout_gcn=dropout, dropout_global=dropout)

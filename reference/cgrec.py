@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from cdsr_baseline.data import domain_of
+from cdsr_baseline.inputs import domain_of
 from cdsr_baseline.layers import (BertParams, Intermediate, bert_blocks, bert_init, binary_loss,
                                   left_align, sample_excluding)
 from data import SequenceBatch
