@@ -113,7 +113,7 @@ def run_decoding(cfg: DictConfig) -> dict:
 
 
 def _run_decoding(cfg: DictConfig, world: World) -> dict:
-    stage_settings(cfg, "dec")
+    stage_settings(cfg, "decoding")
     rule = decoding_rule(cfg)
     run = StageRun(cfg, world, job="decoding")
     dataset = run.dataset

@@ -65,7 +65,7 @@ def run_finetune(cfg: DictConfig) -> dict:
 
 
 def _run_finetune(cfg: DictConfig, world: World) -> dict:
-    stage_settings(cfg, "tun")
+    stage_settings(cfg, "finetune")
     training = train_config(cfg, "finetune")
     run = StageRun(cfg, world, job=f"finetune-{cfg.model_name}-{cfg.train_type}-{cfg.target_dom}")
     dataset, device = run.dataset, run.device

@@ -44,7 +44,7 @@ def run_pretrain(cfg: DictConfig) -> dict:
 
 
 def _run_pretrain(cfg: DictConfig, world: World) -> dict:
-    stage_settings(cfg, "run")
+    stage_settings(cfg, "pretrain")
     base_training, expert_training = train_config(cfg, "base"), train_config(cfg, "expert")
     run = StageRun(cfg, world, job="pretrain")
     dataset, device = run.dataset, run.device

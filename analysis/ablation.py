@@ -42,16 +42,16 @@ def run_variant(variant: str, target: str, model: str, dataset: str, seed: int, 
     """
     # Imported here so that `--help` and the table helpers do not load torch and RecBole.
     from decoding import run_decoding
-    from pipeline.settings import compose
+    from pipeline.settings import stage_config
     from finetune import run_finetune
     from pretrain import run_pretrain
 
     runs = out / "runs" / variant
     common = ([] if variant == "taesar" else [f"experiment={variant}"]) + [f"dataset={dataset}", f"seed={seed}"]
-    run_pretrain(compose("pretrain", [*common, *overrides, f"run_dir={runs / f'pretrain-seed{seed}'}"]))
-    run_decoding(compose("decoding", [*common, f"target_dom={target}", *overrides,
+    run_pretrain(stage_config("pretrain", [*common, *overrides, f"run_dir={runs / f'pretrain-seed{seed}'}"]))
+    run_decoding(stage_config("decoding", [*common, f"target_dom={target}", *overrides,
                                       f"run_dir={runs / f'decoding-seed{seed}'}"]))
-    return run_finetune(compose("finetune", [*common, f"target_dom={target}", f"model_name={model}",
+    return run_finetune(stage_config("finetune", [*common, f"target_dom={target}", f"model_name={model}",
                                              "train_type=new", *overrides,
                                              f"run_dir={runs / f'finetune-seed{seed}'}"]))
 

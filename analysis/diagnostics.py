@@ -217,9 +217,9 @@ def resolve_inputs(args: argparse.Namespace):
     when there is none): `--regenerated`, or the file decoding.py wrote for these overrides; stops
     when the manifest names another dataset or domain."""
     from pipeline.artifacts import Regenerated, missing_regenerated, open_dataset, regenerated
-    from pipeline.settings import compose, stage_settings
+    from pipeline.settings import stage_config
 
-    cfg = stage_settings(compose("decoding", [f"target_dom={args.target}", *args.overrides]), "dec")
+    cfg = stage_config("decoding", [f"target_dom={args.target}", *args.overrides])
     dataset = open_dataset(cfg)
     if args.regenerated:
         output = Regenerated.of_file(project_path(args.regenerated))

@@ -68,9 +68,9 @@ MIXED_HISTORY = "full_mixed_history"  # SASRec4 evaluated with eval_history=mixe
 def domains_of(dataset: str, overrides: list[str]) -> list[str]:
     from dataset.prepare import prepare_dataset
     from pipeline.artifacts import open_dataset
-    from pipeline.settings import compose
+    from pipeline.settings import stage_config
 
-    cfg = compose("prepare", [f"dataset={dataset}", *[o for o in overrides if o.startswith(("dataset.", "data_path"))]])
+    cfg = stage_config("prepare", [f"dataset={dataset}", *[o for o in overrides if o.startswith(("dataset.", "data_path"))]])
     prepare_dataset(cfg.dataset, cfg.data_path, progress=False)
     return open_dataset(cfg).domains.names
 

@@ -99,9 +99,9 @@ class Report:
 
     def config(self, stage: str, overrides: list[str], run_dir: Path):
         """The config a stage of this report runs with (composed and checked)."""
-        from pipeline.settings import compose
+        from pipeline.settings import stage_config
 
-        return compose(stage, [f"dataset={self.dataset}", *overrides, *self.for_stage(stage), f"run_dir={run_dir}"])
+        return stage_config(stage, [f"dataset={self.dataset}", *overrides, *self.for_stage(stage), f"run_dir={run_dir}"])
 
     def call(self, stage: str, overrides: list[str], run_dir: Path) -> dict:
         from cdsr_baseline.train import run_baseline
@@ -166,10 +166,10 @@ class Report:
     def trains_as_configured(self, which: str, stage1: list[str]) -> bool:
         """Whether Stage I overrides leave the training of `which` (base, expert) as this report's
         configuration has it, so that the runs without them are the same runs."""
-        from pipeline.settings import compose
+        from pipeline.settings import stage_config
 
         def training(extra):
-            return compose("pretrain", [f"dataset={self.dataset}", *self.for_stage("pretrain"), *extra]).trainer[which]
+            return stage_config("pretrain", [f"dataset={self.dataset}", *self.for_stage("pretrain"), *extra]).trainer[which]
 
         return training(stage1) == training([])
 

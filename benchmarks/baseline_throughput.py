@@ -38,10 +38,10 @@ DATASETS = {"acdt": "ACDT", "best": "SYN_BEST"}
 def prepared(dataset: str):
     from data import PreparedDataset, project_path
     from dataset.prepare import prepare_dataset, prepare_files
-    from pipeline.settings import compose
+    from pipeline.settings import stage_config
 
     if dataset == "ACDT":
-        cfg = compose("prepare", [])
+        cfg = stage_config("prepare", [])
         prepare_dataset(cfg.dataset, cfg.data_path, progress=False)
     elif not (project_path("dataset") / dataset / "manifest.json").is_file():
         from dataset.synthetic import BEST_SIZED, generate_raw
@@ -58,7 +58,7 @@ def _train(model_name: str, dataset_name: str, batches: int, device: str, refere
     from cdsr_baseline.inputs import user_sequences
     from cdsr_baseline.models import build_baseline
     from data import SequenceLoader
-    from pipeline.settings import compose
+    from pipeline.settings import stage_config
 
     if threads:
         torch.set_num_threads(threads)
@@ -69,7 +69,7 @@ def _train(model_name: str, dataset_name: str, batches: int, device: str, refere
     else:
         recompute = model_name == RECOMPUTE
         model_name = "SyNCRec" if recompute else model_name
-        cfg = compose("baseline", [f"model={model_name}"])
+        cfg = stage_config("baseline", [f"model={model_name}"])
         sequences = user_sequences(dataset, 128)
         if reference:  # the implementation before the speed-ups, kept literally under reference/
             module = __import__(f"reference.{model_name.lower()}", fromlist=["_"])
@@ -112,9 +112,9 @@ def _backbone(dataset, name: str, split: str, reference: bool):
     from omegaconf import OmegaConf
 
     from model.backbones import build_backbone
-    from pipeline.settings import compose
+    from pipeline.settings import stage_config
 
-    cfg = compose("finetune", [f"model_name={name}", "train_type=full", "target_dom=dom1"])
+    cfg = stage_config("finetune", [f"model_name={name}", "train_type=full", "target_dom=dom1"])
     params = OmegaConf.to_container(cfg.model, resolve=True)
     rows = dataset.rows(split)
     n_items = dataset.domains.n_items

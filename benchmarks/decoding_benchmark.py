@@ -271,9 +271,9 @@ def exact(overrides: list[str]) -> None:
     import model.contrastive as contrastive
     from decoding import load_stage1
     from model.regeneration import decode_rows
-    from pipeline.settings import compose
+    from pipeline.settings import stage_config
 
-    cfg = compose("decoding", overrides)
+    cfg = stage_config("decoding", overrides)
     dataset = PreparedDataset(project_path(cfg.data_path), cfg.dataset.name)
     models = load_stage1(cfg, dataset, torch.device("cpu"))  # stops, naming the command, if they are missing
     experts = {d: models[f"dom{d}"] for d in range(1, dataset.domains.n_domains + 1)}
@@ -307,7 +307,7 @@ def previous(commit: str, overrides: list[str]) -> None:
 
     from decoding import load_stage1
     from model.regeneration import decode_rows
-    from pipeline.settings import compose
+    from pipeline.settings import stage_config
 
     modules = {}
     with tempfile.TemporaryDirectory() as folder:
@@ -321,7 +321,7 @@ def previous(commit: str, overrides: list[str]) -> None:
             modules[name] = importlib.util.module_from_spec(spec)
             sys.modules[f"previous_{name}"] = modules[name]
             spec.loader.exec_module(modules[name])
-    cfg = compose("decoding", overrides)
+    cfg = stage_config("decoding", overrides)
     dataset = PreparedDataset(project_path(cfg.data_path), cfg.dataset.name)
     models = load_stage1(cfg, dataset, torch.device("cpu"))  # stops, naming the command, if they are missing
     experts = {d: models[f"dom{d}"] for d in range(1, dataset.domains.n_domains + 1)}

@@ -167,7 +167,7 @@ def training_epochs(dataset: PreparedDataset, device: str, dry: bool) -> list[tu
 def baseline_steps(dataset: PreparedDataset, device: str, dry: bool) -> list[tuple[str, str, float]]:
     from cdsr_baseline.inputs import user_sequences
     from cdsr_baseline.models import build_baseline, resolve_fidelity
-    from pipeline.settings import compose
+    from pipeline.settings import stage_config
 
     rows = dataset.rows("full.train")
     batch = next(iter(SequenceLoader(rows.take(range(TINY_ROWS)) if dry else rows, 128, 128, shuffle=True,
@@ -176,7 +176,7 @@ def baseline_steps(dataset: PreparedDataset, device: str, dry: bool) -> list[tup
              "CGRec": ["model.hidden_size=16"], "SyNCRec": ["model.hidden_size=16", "model.expert_num=4"]}
     out = []
     for name in ("ABXI", "CGRec", "SyNCRec"):
-        cfg = compose("baseline", [f"model={name}", *(small[name] if dry else [])])
+        cfg = stage_config("baseline", [f"model={name}", *(small[name] if dry else [])])
         resolve_fidelity(cfg)
         torch.manual_seed(0)
         model = build_baseline(name, dataset, cfg.model, user_sequences(dataset, 128)).to(device).train()

@@ -42,7 +42,7 @@ from core.schema import above, at_least
 
 
 @dataclass(kw_only=True)
-class ABXIParams:
+class ABXIConfig:
     """config/model/ABXI.yaml (the official script's values; the names of the authors' code)."""
 
     n_attn: int = field(default=3, metadata=at_least(1))  # Transformer layers
@@ -93,7 +93,7 @@ def compact(history: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
 class ABXI(nn.Module):
     def __init__(self, n_items: int, domain_starts: list[int], **params):
         super().__init__()
-        self.params = p = ABXIParams(**params)
+        self.params = p = ABXIConfig(**params)
         self.starts = list(domain_starts)
         self.K = len(self.starts) - 1
         D = p.d_embed

@@ -8,7 +8,7 @@
     binary_loss     -log(sigma(h.E_pos) + 1e-24) - log(1 - sigma(h.E_neg) + 1e-24), mean or sum form
     left_align      right-padded rows -> their most recent items, left-padded (the baselines' layout)
     in_length_groups  a left-padded batch encoded in groups of similar length, without their padding
-    BertParams      the Transformer keys CGRec and SyNCRec share (their official copies' common names),
+    BertConfig      the Transformer keys CGRec and SyNCRec share (their official copies' common names),
                     with bert_blocks (the layer stack) and bert_init (their initialisation)
 """
 from __future__ import annotations
@@ -70,7 +70,7 @@ class Intermediate(nn.Module):
 
 
 @dataclass(kw_only=True)
-class BertParams:
+class BertConfig:
     """The Transformer keys of config/model/CGRec.yaml and SyNCRec.yaml (the official scripts' values)."""
 
     num_hidden_layers: int = field(default=3, metadata=at_least(1))
@@ -81,7 +81,7 @@ class BertParams:
     max_seq_length: int = field(default=128, metadata=at_least(2))
 
 
-def bert_blocks(p: BertParams) -> nn.ModuleList:
+def bert_blocks(p: BertConfig) -> nn.ModuleList:
     """num_hidden_layers post-LN blocks of inner width 4D and LayerNorm eps 1e-12."""
     D = p.hidden_size
     return nn.ModuleList(

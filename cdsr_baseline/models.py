@@ -14,15 +14,18 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from core.schema import ConfigError, from_config
 
-# name -> module; each module has the model class of that name, `<name>Params` and `QUIRKS`.
-BASELINES = {"ABXI": "cdsr_baseline.abxi", "CGRec": "cdsr_baseline.cgrec", "SyNCRec": "cdsr_baseline.syncrec"}
+# name -> (its module, the model class, the config it is built from: the keys of config/model/NAME.yaml);
+# each module also holds QUIRKS. Imported when used, so that naming a baseline loads only its own code.
+BASELINES = {"ABXI": ("cdsr_baseline.abxi", "ABXI", "ABXIConfig"),
+             "CGRec": ("cdsr_baseline.cgrec", "CGRec", "CGRecConfig"),
+             "SyNCRec": ("cdsr_baseline.syncrec", "SyNCRec", "SyNCRecConfig")}
 
 
 def _module(name: str):
     if name not in BASELINES:
         raise ConfigError(f"config key 'model.name' is {name!r}; the cross-domain baselines are "
                           f"{', '.join(BASELINES)} (SASRec4 is finetune.py model_name=SASRec4)")
-    return importlib.import_module(BASELINES[name])
+    return importlib.import_module(BASELINES[name][0])
 
 
 def resolve_fidelity(cfg: DictConfig) -> dict:
@@ -35,7 +38,7 @@ def resolve_fidelity(cfg: DictConfig) -> dict:
             if cfg.model.get(key) is None:
                 cfg.model[key] = fixed if corrected else official
     params = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
-    from_config(getattr(module, f"{cfg.model.name}Params"), params, "model.")
+    from_config(getattr(module, BASELINES[cfg.model.name][2]), params, "model.")
     return {key: cfg.model[key] for key in module.QUIRKS}
 
 
@@ -44,7 +47,7 @@ def build_baseline(name: str, dataset, params, sequences: torch.Tensor):
     whole sequences (for the models whose negatives avoid them)."""
     module = _module(name)
     values = {k: v for k, v in OmegaConf.to_container(params, resolve=True).items() if k != "name"}
-    model_class = getattr(module, name)
+    model_class = getattr(module, BASELINES[name][1])
     starts = list(dataset.domains.starts)
     if name == "ABXI":
         return model_class(dataset.domains.n_items, starts, **values)

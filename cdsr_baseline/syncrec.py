@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from cdsr_baseline.inputs import domain_of
-from cdsr_baseline.layers import (BertParams, Intermediate, bert_blocks, bert_init, binary_loss,
+from cdsr_baseline.layers import (BertConfig, Intermediate, bert_blocks, bert_init, binary_loss,
                                   in_length_groups, left_align, sample_excluding)
 from data import SequenceBatch
 from model.decoder import FastDropout, attention_mask
@@ -40,7 +40,7 @@ LOSS_SCALE = 1000.0  # the official divisor of the task losses (batch sums)
 
 
 @dataclass(kw_only=True)
-class SyNCRecParams(BertParams):
+class SyNCRecConfig(BertConfig):
     """config/model/SyNCRec.yaml (the official script's values)."""
 
     expert_num: int = field(default=8, metadata=at_least(2))
@@ -98,7 +98,7 @@ class NoisyGate(nn.Module):
 
 
 class Expert(nn.Module):
-    def __init__(self, p: SyNCRecParams):
+    def __init__(self, p: SyNCRecConfig):
         super().__init__()
         D = p.hidden_size
         self.blocks = bert_blocks(p)
@@ -128,7 +128,7 @@ class SyNCRec(nn.Module):
 
     def __init__(self, n_items: int, domain_starts: list[int], user_sequences: torch.Tensor, **params):
         super().__init__()
-        self.params = p = SyNCRecParams(**params)
+        self.params = p = SyNCRecConfig(**params)
         self.register_buffer("starts", torch.tensor(domain_starts), persistent=False)
         self.register_buffer("sequences", user_sequences, persistent=False)
         self.K = len(domain_starts) - 1

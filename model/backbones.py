@@ -104,7 +104,7 @@ def _number(value):
 
 
 # This project's backbones, imported when asked for: the model class and the dataclass of its keys.
-BACKBONES = {"SASRec": ("model.backbones:SASRec", "model.decoder:SASRecParams"),
+BACKBONES = {"SASRec": ("model.backbones:SASRec", "model.decoder:SASRecConfig"),
              "GRU4Rec": ("model.gru4rec:GRU4Rec", "model.gru4rec:GRU4RecConfig"),
              "CL4SRec": ("model.cl4srec:CL4SRec", "model.cl4srec:CL4SRecConfig"),
              "GCEGNN": ("model.gcegnn:GCEGNN", "model.gcegnn:GCEGNNConfig")}

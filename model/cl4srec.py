@@ -15,7 +15,7 @@ from torch import nn
 
 from data import SequenceBatch, checked_item_range
 from model.backbone_base import Backbone
-from model.decoder import DecoderConfig, SASRecParams, TaesarDecoder
+from model.decoder import DecoderConfig, SASRecConfig, TaesarDecoder
 from model.objectives import LENGTH_GROUPS, next_item_objective, target_scores
 from core.distributed import count_over_ranks
 from core.schema import above, at_least
@@ -127,7 +127,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
 
 
 @dataclass(kw_only=True)
-class CL4SRecConfig(SASRecParams):
+class CL4SRecConfig(SASRecConfig):
     """The SASRec encoder's keys (config/model/SASRec.yaml) and the contrastive task's."""
 
     n_items: int  # N; real items have ids 1..N, 0 is padding and N + 1 the mask token
@@ -168,7 +168,7 @@ class CL4SRec(Backbone):
         self.config = config = CL4SRecConfig(n_items=n_items, max_len=max_len, **params)
         self.mask_id = n_items + 1
         # the encoder's vocabulary is N + 1 "items": the real ones and the mask token
-        encoder = {f.name: getattr(config, f.name) for f in fields(SASRecParams)}
+        encoder = {f.name: getattr(config, f.name) for f in fields(SASRecConfig)}
         self.encoder = TaesarDecoder(DecoderConfig.from_model_params(n_items + 1, max_len, encoder))
 
     def _item_range(self, item_range: tuple[int, int] | None) -> tuple[int, int]:

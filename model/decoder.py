@@ -17,7 +17,7 @@ Activation = Literal["gelu", "relu", "swish", "tanh", "sigmoid"]
 
 
 @dataclass(kw_only=True)
-class SASRecParams:
+class SASRecConfig:
     """The keys of config/model/SASRec.yaml (RecBole's names), the decoder's and the SASRec backbone's."""
 
     n_layers: int = field(default=2, metadata=at_least(1))
@@ -56,7 +56,7 @@ class DecoderConfig:
         """From a model config in RecBole's names (config/model/SASRec.yaml); every key is checked,
         and `where` names the config section in the errors (`decoder.`, `model.`)."""
         values = {k: v for k, v in dict(params).items() if k != "name"}
-        checked = from_config(SASRecParams, values, where)
+        checked = from_config(SASRecConfig, values, where)
         return cls(n_items=n_items, max_len=max_len,
                    **{ours: getattr(checked, theirs) for ours, theirs in cls.RECBOLE_NAMES.items()})
 

@@ -36,7 +36,7 @@ from data.fingerprints import StaleArtifactError, check_inputs, file_digest, fin
 from data.paths import project_path
 from dataset.prepare import preparation_settings
 from core.schema import ConfigError, describe_differences
-from pipeline.settings import decoder_params, expert_variant, train_config, variant_name
+from pipeline.settings import OFFICIAL_STAGE, decoder_params, expert_variant, train_config, variant_name
 
 log = logging.getLogger(__name__)
 SETTINGS_FILE = "settings.json"
@@ -89,7 +89,7 @@ def open_dataset(cfg: DictConfig) -> PreparedDataset:
     n = dataset.domains.n_domains
     if cfg.get("domains") is not None and int(cfg.domains) != n:
         raise ConfigError(f"config key 'domains' is {cfg.domains} but dataset {dataset.name} has {n} domains")
-    if cfg.get("target_dom") is not None and not (cfg.target_dom == ALL_DOMAINS and cfg.get("stage") == "dec"):
+    if cfg.get("target_dom") is not None and not (cfg.target_dom == ALL_DOMAINS and cfg.get("stage") == OFFICIAL_STAGE["decoding"]):
         try:
             dataset.domains.index(cfg.target_dom)
         except ValueError as error:

@@ -48,12 +48,12 @@ ROUTES: dict[str, tuple[str, ...]] = {
 # set within each stage (pipeline/settings.py, apply_official_keys; None: the stage trains nothing, so
 # the key is an error there). Given to every stage at once they would set three trainings.
 OFFICIAL_KEYS = {
-    "epochs": {"run": ["trainer.base"], "dec": None, "tun": ["trainer.finetune"]},
-    "stopping_step": {"run": ["trainer.base"], "dec": None, "tun": ["trainer.finetune"]},
-    "eval_step": {"run": ["trainer.base"], "dec": None, "tun": ["trainer.finetune"]},
-    "train_batch_size": {"run": ["trainer.base", "trainer.expert"], "dec": ["decoding"], "tun": ["trainer.finetune"]},
-    "learning_rate": {"run": ["trainer.base", "trainer.expert"], "dec": None, "tun": ["trainer.finetune"]},
-    "weight_decay": {"run": ["trainer.base", "trainer.expert"], "dec": None, "tun": ["trainer.finetune"]},
+    "epochs": {"pretrain": ["trainer.base"], "decoding": None, "finetune": ["trainer.finetune"]},
+    "stopping_step": {"pretrain": ["trainer.base"], "decoding": None, "finetune": ["trainer.finetune"]},
+    "eval_step": {"pretrain": ["trainer.base"], "decoding": None, "finetune": ["trainer.finetune"]},
+    "train_batch_size": {"pretrain": ["trainer.base", "trainer.expert"], "decoding": ["decoding"], "finetune": ["trainer.finetune"]},
+    "learning_rate": {"pretrain": ["trainer.base", "trainer.expert"], "decoding": None, "finetune": ["trainer.finetune"]},
+    "weight_decay": {"pretrain": ["trainer.base", "trainer.expert"], "decoding": None, "finetune": ["trainer.finetune"]},
 }
 OFFICIAL_TRAINING_KEYS = tuple(OFFICIAL_KEYS)
 

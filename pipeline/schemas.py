@@ -101,7 +101,7 @@ class RunSettings:
 class PipelineSettings(RunSettings):
     """config/overall.yaml: the keys every stage shares."""
 
-    decoder: dict  # the Taesar decoder, checked as model.decoder.SASRecParams
+    decoder: dict  # the Taesar decoder, checked as model.decoder.SASRecConfig
     trainer: TrainerSections
     expert: ExpertSettings
     decoding: DecodingSettings
@@ -155,4 +155,4 @@ class BaselineSettings(RunSettings):
     recompute_activations: bool = False  # memory only: the same values (part of no key)
 
 
-SCHEMAS = {"run": PipelineSettings, "dec": PipelineSettings, "tun": FinetuneSettings}
+SCHEMAS = {"pretrain": PipelineSettings, "decoding": PipelineSettings, "finetune": FinetuneSettings}

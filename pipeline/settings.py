@@ -1,6 +1,6 @@
-"""The configuration of every stage: composition, the check against its schema (pipeline/schemas.py)
-at start-up, the official top-level keys, and the adapters from config sections to the objects the
-code runs with.
+"""The configuration of every stage: composition (`compose`, Hydra's alone), the check against its
+schema (pipeline/schemas.py) at start-up, the official top-level keys, and the adapters from config
+sections to the objects the code runs with. `stage_config` is both steps for callers outside Hydra.
 
 Every stage script starts with `stage_settings(cfg, stage)`: it refuses a config meant for
 another stage, an unknown key (`+epochz=3` included), a value of the wrong type or out of range,
@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import os
 import shlex
+from functools import partial
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -21,7 +22,9 @@ from pipeline.routing import OFFICIAL_KEYS, section_key
 from core.schema import ConfigError, from_config
 from pipeline.schemas import SCHEMAS, BaselineSettings, PrepareSettings
 
-STAGES = {"run": "pretrain.py", "dec": "decoding.py", "tun": "finetune.py"}
+# The pipeline's stages by the name of their script, and the value of the official `stage=` key each
+# one is run with (the official commands' vocabulary, kept only for that key).
+OFFICIAL_STAGE = {"pretrain": "run", "decoding": "dec", "finetune": "tun"}
 TRAINERS = ("base", "expert", "finetune")
 DECODER_MODELS = ("SASRec",)  # Stage I and II: the Taesar decoder is SASRec-style
 SASREC4 = "SASRec4"  # the paper's name for model_name=SASRec train_type=full
@@ -50,33 +53,32 @@ OmegaConf.register_new_resolver("rank_suffix", rank_suffix, replace=True)
 
 
 def compose(config_name: str, overrides: list[str]) -> DictConfig:
-    """A stage config as `python STAGE.py OVERRIDES` runs with it, for callers outside Hydra: composed,
-    checked and with the official keys applied (`stage_settings`), so that the artifact locations
-    computed from it are the stage's own."""
+    """config/CONFIG_NAME.yaml with these overrides, as Hydra composes it for the script of that name;
+    nothing checked (`stage_config` is the config a stage runs with)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(project_path("config")), version_base="1.3"):
-        cfg = hydra_compose(config_name=config_name, overrides=overrides)
-    if config_name == "prepare":
-        return prepare_settings(cfg)
-    if config_name == "baseline":
-        return baseline_settings(cfg)
-    return stage_settings(cfg, _STAGE_OF[config_name]) if config_name in _STAGE_OF else cfg
+        return hydra_compose(config_name=config_name, overrides=overrides)
 
 
-_STAGE_OF = {"pretrain": "run", "decoding": "dec", "finetune": "tun"}
-
-
+def stage_config(stage: str, overrides: list[str]) -> DictConfig:
+    """The config `python STAGE.py OVERRIDES` runs with, for callers outside Hydra (the report, the
+    analyses, benchmarks, tests): composed, then checked as the stage's script checks it
+    (`STAGE_CHECKS`), so that the artifact locations computed from it are the stage's own."""
+    return STAGE_CHECKS[stage](compose(stage, overrides))
 
 
 
-def check_stage(cfg: DictConfig, expected: str) -> None:
+
+
+def check_stage(cfg: DictConfig, stage: str) -> None:
     """The official commands pass `stage=run|dec|tun`; a script only runs its own stage."""
-    if cfg.stage != expected:
-        owner = STAGES.get(cfg.stage)
-        hint = f"; stage={cfg.stage} is run by {owner}" if owner else f"; stages are {', '.join(STAGES)}"
-        raise ConfigError(f"config key 'stage' is {cfg.stage!r} but {STAGES[expected]} runs stage={expected}{hint}")
+    if cfg.stage != OFFICIAL_STAGE[stage]:
+        owner = {official: script for script, official in OFFICIAL_STAGE.items()}.get(cfg.stage)
+        hint = (f"; stage={cfg.stage} is run by {owner}.py" if owner
+                else f"; stages are {', '.join(OFFICIAL_STAGE.values())}")
+        raise ConfigError(f"config key 'stage' is {cfg.stage!r} but {stage}.py runs stage={OFFICIAL_STAGE[stage]}{hint}")
 
 
 def stage_settings(cfg: DictConfig, stage: str) -> DictConfig:
@@ -90,7 +92,7 @@ def stage_settings(cfg: DictConfig, stage: str) -> DictConfig:
     from_config(SCHEMAS[stage], values)
     _check_trainers(values)
     decoder_params(values["decoder"])
-    if stage == "tun":
+    if stage == "finetune":
         from model.backbones import check_backbone_params
 
         if values["model_name"] == SASREC4:
@@ -146,7 +148,7 @@ def apply_official_keys(cfg: DictConfig, stage: str) -> None:
             sections = targets[stage]
             if sections is None:
                 raise ConfigError(
-                    f"config key '{key}' sets a training of the stage being run, and {STAGES[stage]} trains "
+                    f"config key '{key}' sets a training of the stage being run, and {stage}.py trains "
                     f"nothing; to name the Stage I training it decodes with, use "
                     f"trainer.base.{section_key(key)}={value} (or trainer.expert.*)"
                 )
@@ -171,14 +173,14 @@ def train_config_of(values: dict, section: str):
 
 def decoder_params(values: dict) -> dict:
     """The decoder section checked (`decoder.*` keys, config/model/SASRec.yaml's names)."""
-    from model.decoder import SASRecParams
+    from model.decoder import SASRecConfig
 
     values = dict(values)
     name = values.pop("name", None)
     if name not in DECODER_MODELS:
         raise ConfigError(f"config key 'decoder.name' is {name!r}: the Taesar decoder of Stages I and II is "
                           f"{', '.join(DECODER_MODELS)} (other backbones are trained by finetune.py)")
-    return dataclasses.asdict(from_config(SASRecParams, values, "decoder."))
+    return dataclasses.asdict(from_config(SASRecConfig, values, "decoder."))
 
 
 def decoder_config(cfg: DictConfig, n_items: int):
@@ -247,3 +249,8 @@ def rerun_command(script: str, stage: str, first: list[str]) -> str:
             continue
         kept.append(override)
     return shlex.join(["python", script, *first, *kept])  # pastes into a shell: paths with spaces stay one word
+
+
+# Each stage's check of its composed config (what its script calls first): stage name -> check.
+STAGE_CHECKS = {"prepare": prepare_settings, "baseline": baseline_settings,
+                **{stage: partial(stage_settings, stage=stage) for stage in OFFICIAL_STAGE}}

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from cdsr_baseline.inputs import domain_of
-from cdsr_baseline.layers import (BertParams, Intermediate, bert_blocks, bert_init, binary_loss,
+from cdsr_baseline.layers import (BertConfig, Intermediate, bert_blocks, bert_init, binary_loss,
                                   left_align, sample_excluding)
 from data import SequenceBatch
 from model.decoder import attention_mask
@@ -43,7 +43,7 @@ SHAPLEY_TEMPERATURE = 0.05  # fixed in the official code
 
 
 @dataclass(kw_only=True)
-class CGRecParams(BertParams):
+class CGRecConfig(BertConfig):
     """config/model/CGRec.yaml (the official script's values)."""
 
     hierarchical: bool = True  # the category heads and inputs
@@ -99,7 +99,7 @@ class CGRec(nn.Module):
 
     def __init__(self, n_items: int, domain_starts: list[int], user_sequences: torch.Tensor, **params):
         super().__init__()
-        self.params = p = CGRecParams(**params)
+        self.params = p = CGRecConfig(**params)
         self.register_buffer("starts", torch.tensor(domain_starts), persistent=False)
         # each user's whole sequence s: the items its negatives avoid (not a parameter)
         self.register_buffer("sequences", user_sequences, persistent=False)

@@ -6,7 +6,7 @@ import pytest
 from data import PreparedDataset
 from dataset.acdt import write_acdt_raw
 from dataset.prepare import prepare_files
-from pipeline.settings import compose  # noqa: F401 (tests import it from here)
+from pipeline.settings import stage_config  # noqa: F401 (tests import it from here)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from data.fingerprints import file_digest
 from data.paths import PROJECT_ROOT
 from dataset.prepare import prepare_dataset, prepare_files
 from dataset.raw import file_users, read_kept_rows
-from pipeline.settings import compose
+from pipeline.settings import stage_config
 from tests.helpers import RAW_HEADER, write_raw
 from tests.test_prepare import DOM1, DOM2, SETTINGS
 
@@ -233,7 +233,7 @@ def test_a_timestamp_that_is_not_a_finite_number(tmp_path, value):
 def test_staging_folders_of_a_killed_preparation_are_removed(tmp_path):
     """A preparation killed mid-way leaves `.NAME.tmp-*` (and `.NAME.old-*`) beside DATA_PATH/NAME;
     the next preparation of NAME removes them, under the dataset's lock."""
-    cfg = compose("prepare", [f"data_path={tmp_path / 'data'}", f"dataset.raw_dir={tmp_path / 'raw'}"])
+    cfg = stage_config("prepare", [f"data_path={tmp_path / 'data'}", f"dataset.raw_dir={tmp_path / 'raw'}"])
     (tmp_path / "data" / ".ACDT.tmp-k1ll3d").mkdir(parents=True)
     (tmp_path / "data" / ".ACDT.tmp-k1ll3d" / "ACDT.full.train.inter").write_text("half a file")
     (tmp_path / "data" / ".ACDT.old-x").mkdir()

@@ -13,11 +13,11 @@ import torch
 from cdsr_baseline.abxi import ABXI, compact, domain_inputs, positions, sample_negatives
 from cdsr_baseline.cgrec import CGRec, coalitions, shapley_values
 from cdsr_baseline.inputs import domain_of, user_sequences
-from cdsr_baseline.layers import BertParams, LoRA, bert_blocks, bert_init, binary_loss, left_align, sample_excluding
+from cdsr_baseline.layers import BertConfig, LoRA, bert_blocks, bert_init, binary_loss, left_align, sample_excluding
 from cdsr_baseline.syncrec import SyNCRec
 from cdsr_baseline.train import run_baseline
 from data import SequenceBatch, SequenceLoader, SequenceRows
-from pipeline.settings import compose
+from pipeline.settings import stage_config
 from tests.conftest import tiny_overrides
 from trainer import Evaluation, TrainConfig, fit, load_checkpoint
 
@@ -98,7 +98,7 @@ def test_lora_starts_at_zero_and_learns():
 
 
 def test_bert_blocks_and_initialisation():
-    blocks = bert_blocks(BertParams(num_hidden_layers=2, hidden_size=64))
+    blocks = bert_blocks(BertConfig(num_hidden_layers=2, hidden_size=64))
     assert len(blocks) == 2
     inner = [m for m in blocks[0].modules() if isinstance(m, torch.nn.Linear) and m.in_features == 64]
     assert 4 * 64 in {m.out_features for m in inner}  # the feed-forward is 4D wide
@@ -363,7 +363,7 @@ def baseline_overrides(tmp_path, model, *extra) -> list[str]:
 
 
 def baseline_config(tmp_path, model, *extra):
-    return compose("baseline", baseline_overrides(tmp_path, model, *extra))
+    return stage_config("baseline", baseline_overrides(tmp_path, model, *extra))
 
 
 @pytest.mark.parametrize("model, fidelity", [("ABXI", "official"), ("CGRec", "corrected"), ("SyNCRec", "official")])
@@ -427,16 +427,16 @@ def test_recomputing_activations_is_syncrecs_and_keys_no_artifact(tmp_path):
 
 def test_sweep_configs_compose():
     for model in ("ABXI", "CGRec", "SyNCRec"):
-        cfg = compose("baseline", [f"model={model}", f"search={model}"])
+        cfg = stage_config("baseline", [f"model={model}", f"search={model}"])
         assert cfg.model.name == model
 
 
 def test_the_official_scripts_values_are_the_defaults():
-    cfg = compose("baseline", ["model=ABXI"])
+    cfg = stage_config("baseline", ["model=ABXI"])
     assert (cfg.model.n_attn, cfg.model.rd, cfg.model.ri, cfg.trainer.baseline.learning_rate,
             cfg.trainer.baseline.warmup_epochs) == (3, 32, 32, 1e-4, 10)
     for model, experts in (("CGRec", None), ("SyNCRec", 8)):
-        cfg = compose("baseline", [f"model={model}"])
+        cfg = stage_config("baseline", [f"model={model}"])
         assert cfg.model.num_hidden_layers == 3 and cfg.trainer.baseline.learning_rate == 1e-4
         assert cfg.model.get("expert_num") == experts
     assert list(itertools.islice(coalitions(5), 3)) == [(1,), (2,), (3,)]
@@ -479,7 +479,7 @@ def test_torchrun_trains_a_baseline_data_parallel_and_tests_like_one_process(tmp
     assert done.returncode == 0, done.stderr[-3000:]
     assert not (tmp_path / "hydra-rank1" / "metrics.json").exists()
     parallel = json.loads((tmp_path / "hydra" / "metrics.json").read_text())
-    alone = run_baseline(compose("baseline", overrides))  # reuses the checkpoint the two wrote: it only evaluates
+    alone = run_baseline(stage_config("baseline", overrides))  # reuses the checkpoint the two wrote: it only evaluates
     assert torch.load(parallel["checkpoint"], weights_only=True)["epochs_run"] == 2
     assert alone["test_ranks"] == parallel["test_ranks"]
     for dom, values in alone["test"].items():

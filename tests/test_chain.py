@@ -14,20 +14,20 @@ from finetune import run_finetune
 from pipeline.artifacts import regenerated, stage1_paths
 from pretrain import run_pretrain
 from results import main as results_main
-from tests.conftest import TINY_MODEL, compose, tiny_overrides
+from tests.conftest import TINY_MODEL, stage_config, tiny_overrides
 
 STAGES = ["seed=2025", "trainer.base.epochs=2", "trainer.expert.epochs=1", "trainer.finetune.epochs=2"]
 
 
 def test_smoke_chain_writes_every_output(tmp_path):
     overrides = [*STAGES, *tiny_overrides(tmp_path)]
-    run_pretrain(compose("pretrain", overrides))
-    paths = stage1_paths(compose("pretrain", overrides))
+    run_pretrain(stage_config("pretrain", overrides))
+    paths = stage1_paths(stage_config("pretrain", overrides))
     assert paths.base.is_file() and all(paths.expert(f"dom{d}").is_file() for d in (1, 2, 3))
     data = tmp_path / "data" / "TINY"
     assert (data / "TINY.item").is_file() and (data / "manifest.json").is_file()
     for target in ("dom1", "dom2", "dom3"):
-        cfg = compose("decoding", [f"target_dom={target}", *overrides])
+        cfg = stage_config("decoding", [f"target_dom={target}", *overrides])
         run_decoding(cfg)
         output = regenerated(cfg)
         for path in (output.inter, output.summary, output.mapping, output.manifest):
@@ -36,7 +36,7 @@ def test_smoke_chain_writes_every_output(tmp_path):
     for target in ("dom1", "dom2", "dom3"):
         for train_type in ("new", "sim", "full"):
             run_dir = runs / f"{target}-{train_type}"
-            metrics = run_finetune(compose("finetune", [f"train_type={train_type}", f"target_dom={target}",
+            metrics = run_finetune(stage_config("finetune", [f"train_type={train_type}", f"target_dom={target}",
                                                         *overrides, *TINY_MODEL, f"run_dir={run_dir}"]))
             assert json.loads((run_dir / "metrics.json").read_text()) == metrics
             for split in ("valid", "test"):

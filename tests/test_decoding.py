@@ -20,7 +20,7 @@ from model.regeneration import regenerate
 from pretrain import run_pretrain
 from pipeline.artifacts import decoding_inputs, regenerated, stage1_paths
 from pipeline.settings import decoding_rule
-from tests.conftest import compose, tiny_overrides
+from tests.conftest import stage_config, tiny_overrides
 from tests.helpers import fork_dataset
 from reference.decoder import reference_regenerate
 
@@ -33,12 +33,12 @@ TRAINING = ["seed=2025", "trainer.base.epochs=3", "trainer.expert.epochs=2"]
 def trained(tmp_path_factory):
     """A tiny dataset with its Stage I checkpoints (trained briefly)."""
     root = tmp_path_factory.mktemp("stage2")
-    run_pretrain(compose("pretrain", [*TRAINING, *tiny_overrides(root)]))
+    run_pretrain(stage_config("pretrain", [*TRAINING, *tiny_overrides(root)]))
     return root
 
 
 def decoding_config(root, *extra):
-    return compose("decoding", ["stage=dec", "target_dom=dom2", *TRAINING, *tiny_overrides(root), *extra])
+    return stage_config("decoding", ["stage=dec", "target_dom=dom2", *TRAINING, *tiny_overrides(root), *extra])
 
 
 def test_regenerated_file_follows_the_contract(trained):
@@ -178,14 +178,14 @@ def test_output_of_replaced_checkpoints_is_not_reused(trained, tmp_path):
     shutil.copytree(trained, root)
     cfg = decoding_config(root, "target_dom=dom3")
     run_decoding(cfg)
-    shorter = compose("pretrain", [*TRAINING, *tiny_overrides(root), "trainer.expert.epochs=1"])
+    shorter = stage_config("pretrain", [*TRAINING, *tiny_overrides(root), "trainer.expert.epochs=1"])
     run_pretrain(shorter)
     stage1_paths(cfg).expert("dom1").write_bytes(stage1_paths(shorter).expert("dom1").read_bytes())
     stale = r"TINY\.2025\.dom3\.train\.inter: made from inputs that have changed since \(checkpoint dom1 was"
     with pytest.raises(ValueError, match=stale):
         run_decoding(cfg)
     with pytest.raises(ValueError, match=stale):
-        run_finetune(compose("finetune", ["train_type=new", "target_dom=dom3", *TRAINING, *tiny_overrides(root)]))
+        run_finetune(stage_config("finetune", ["train_type=new", "target_dom=dom3", *TRAINING, *tiny_overrides(root)]))
     run_decoding(decoding_config(root, "target_dom=dom3", "overwrite=true"))
     regenerated(cfg).check(decoding_inputs(cfg, PreparedDataset(root / "data", "TINY"), "dom3"))
 
@@ -198,7 +198,7 @@ def test_re_preparing_the_dataset_keeps_the_regenerated_files(trained, tmp_path)
     output = regenerated(cfg)
     before = {p.name: p.read_bytes() for p in output.folder.iterdir()}
     prepare_dataset(cfg.dataset, cfg.data_path, overwrite=True, progress=False)
-    other = compose("prepare", [o for o in tiny_overrides(root) if o.startswith(("dataset", "data_path"))]
+    other = stage_config("prepare", [o for o in tiny_overrides(root) if o.startswith(("dataset", "data_path"))]
                     + ["dataset.item_core=2"])  # another preparation under the same name, and back
     prepare_dataset(other.dataset, other.data_path, progress=False)
     assert {p.name: p.read_bytes() for p in output.folder.iterdir()} == before

@@ -162,12 +162,12 @@ def decoded(tmp_path_factory):
     """A tiny synthetic dataset, one epoch of Stage I, and the regenerated file of dom1."""
     from decoding import run_decoding
     from pretrain import run_pretrain
-    from tests.conftest import compose, tiny_overrides
+    from tests.conftest import stage_config, tiny_overrides
 
     root = tmp_path_factory.mktemp("diagnostics")
     training = ["seed=2025", "trainer.base.epochs=1", "trainer.expert.epochs=1", *tiny_overrides(root)]
-    run_pretrain(compose("pretrain", training))
-    run_decoding(compose("decoding", ["target_dom=dom1", *training]))
+    run_pretrain(stage_config("pretrain", training))
+    run_decoding(stage_config("decoding", ["target_dom=dom1", *training]))
     return root
 
 

@@ -12,7 +12,7 @@ from decoding import run_decoding
 from finetune import run_finetune, training_rows
 from pipeline.artifacts import regenerated
 from pretrain import run_pretrain
-from tests.conftest import TINY_MODEL, compose, tiny_overrides
+from tests.conftest import TINY_MODEL, stage_config, tiny_overrides
 from tests.helpers import fork_dataset
 
 STAGE1 = ["seed=2025", "trainer.base.epochs=2", "trainer.expert.epochs=1"]
@@ -21,13 +21,13 @@ STAGE1 = ["seed=2025", "trainer.base.epochs=2", "trainer.expert.epochs=1"]
 @pytest.fixture(scope="module")
 def decoded(tmp_path_factory):
     root = tmp_path_factory.mktemp("stage3")
-    run_pretrain(compose("pretrain", [*STAGE1, *tiny_overrides(root)]))
-    run_decoding(compose("decoding", ["target_dom=dom1", *STAGE1, *tiny_overrides(root)]))
+    run_pretrain(stage_config("pretrain", [*STAGE1, *tiny_overrides(root)]))
+    run_decoding(stage_config("decoding", ["target_dom=dom1", *STAGE1, *tiny_overrides(root)]))
     return root
 
 
 def finetune_config(root, train_type, *extra):
-    return compose("finetune", [f"train_type={train_type}", "target_dom=dom1", *STAGE1, *tiny_overrides(root),
+    return stage_config("finetune", [f"train_type={train_type}", "target_dom=dom1", *STAGE1, *tiny_overrides(root),
                                 *TINY_MODEL, *extra])
 
 
@@ -39,7 +39,7 @@ def test_each_train_type_reads_its_file(decoded):
     cfg = finetune_config(decoded, "new")
     rows, record, source = training_rows(cfg, dataset)
     # the exact file decoding.py wrote, computed from finetune.py's own config
-    output = regenerated(compose("decoding", ["target_dom=dom1", *STAGE1, *tiny_overrides(decoded)]))
+    output = regenerated(stage_config("decoding", ["target_dom=dom1", *STAGE1, *tiny_overrides(decoded)]))
     assert record == {"file": output.inter.name, "sha256": file_digest(output.inter)}
     assert source == output.folder.name
     new_rows = read_inter(output.inter, dataset.domains.n_items, one_row_per_user=False)
@@ -128,7 +128,7 @@ def test_every_named_backbone_trains_one_epoch(decoded, model_name):
     # the single-domain rows, whose location does not depend on the window as Stage II's does)
     window = [] if model_name in ("SASRec", "GRU4Rec", "CL4SRec", "GCEGNN") else ["train_type=sim",
                                                                                    "MAX_ITEM_LIST_LENGTH=16"]
-    cfg = compose("finetune", ["train_type=new", "target_dom=dom1", *STAGE1, *tiny_overrides(decoded),
+    cfg = stage_config("finetune", ["train_type=new", "target_dom=dom1", *STAGE1, *tiny_overrides(decoded),
                                f"model_name={model_name}", "epochs=1", *small, *window])
     metrics = run_finetune(cfg)
     assert metrics["model_name"] == model_name
@@ -157,7 +157,7 @@ def test_torchrun_fine_tunes_data_parallel_and_tests_like_one_process(tmp_path):
     assert not (tmp_path / "hydra-rank1" / "metrics.json").exists()
     parallel = json.loads((tmp_path / "hydra" / "metrics.json").read_text())
     # one process, reusing the checkpoint the two wrote: it only evaluates
-    alone = run_finetune(compose("finetune", overrides[:-1]))
+    alone = run_finetune(stage_config("finetune", overrides[:-1]))
     assert torch.load(parallel["checkpoint"], weights_only=True)["epochs_run"] == 2
     assert alone["test_ranks"] == parallel["test_ranks"]
     for key, value in alone["test"].items():
@@ -187,7 +187,7 @@ def test_torchrun_resumes_the_training_one_process_left(tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer, "_save_resume_state", killed_after_epoch_one)
     with pytest.raises(KeyboardInterrupt):
-        run_finetune(compose("finetune", overrides))
+        run_finetune(stage_config("finetune", overrides))
     resume = next((tmp_path / "checkpoint").rglob("*.resume"))
     first_epoch = torch.load(resume, weights_only=True)["trainer"]["history"][0]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}

@@ -10,7 +10,7 @@ from dataset.synthetic import SyntheticConfig, planted_counterparts
 from decoding import run_decoding
 from pipeline.artifacts import regenerated
 from pretrain import run_pretrain
-from tests.conftest import compose, tiny_overrides
+from tests.conftest import stage_config, tiny_overrides
 
 # Strong structure: walks follow the concept ring 90% of the time and emit few noise items.
 GENERATOR = dict(n_users=400, n_domains=3, items_per_domain=60, n_concepts=40, n_clusters=4, seq_len_min=30,
@@ -20,8 +20,8 @@ GENERATOR = dict(n_users=400, n_domains=3, items_per_domain=60, n_concepts=40, n
 def test_replacements_hit_the_planted_counterparts(tmp_path):
     overrides = [*tiny_overrides(tmp_path, **GENERATOR), "decoder.hidden_size=32", "decoder.inner_size=32", "seed=1",
                  "trainer.base.epochs=30", "trainer.base.stopping_step=3", "trainer.expert.epochs=10"]
-    run_pretrain(compose("pretrain", overrides))
-    cfg = compose("decoding", ["target_dom=dom1", *overrides])
+    run_pretrain(stage_config("pretrain", overrides))
+    cfg = stage_config("decoding", ["target_dom=dom1", *overrides])
     report = run_decoding(cfg)
     dataset = PreparedDataset(project_path(cfg.data_path), "TINY")
     truth = planted_counterparts(tmp_path / "raw", read_item_tokens(dataset.item_path),

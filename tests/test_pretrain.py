@@ -10,11 +10,11 @@ import torch
 from dataset.prepare import prepare_dataset, raw_domain_files
 from pipeline.artifacts import stage1_paths
 from pretrain import run_pretrain
-from tests.conftest import compose, tiny_overrides
+from tests.conftest import stage_config, tiny_overrides
 
 
 def pretrain_config(tmp_path, *extra):
-    return compose("pretrain", ["stage=run", "seed=2025", "epochs=2", "trainer.expert.epochs=2",
+    return stage_config("pretrain", ["stage=run", "seed=2025", "epochs=2", "trainer.expert.epochs=2",
                                 *tiny_overrides(tmp_path), *extra])
 
 
@@ -104,7 +104,7 @@ def test_checkpoint_of_another_vocabulary_is_refused(tmp_path):
 
 def files_overrides(tmp_path) -> list[str]:
     """The tiny synthetic raw files, as a dataset of raw files the user provides (source: files)."""
-    raw_domain_files(compose("pretrain", tiny_overrides(tmp_path)).dataset)
+    raw_domain_files(stage_config("pretrain", tiny_overrides(tmp_path)).dataset)
     domains = ",".join(f"{{name:S{d},file:S{d}.inter}}" for d in (1, 2, 3))
     shared = [o for o in tiny_overrides(tmp_path) if not o.startswith(("dataset=", "dataset.generator."))]
     return [*shared, "dataset=BEST", f"dataset.raw_dir={tmp_path}/raw", f"dataset.domains=[{domains}]"]
@@ -124,29 +124,29 @@ def swap_first_and_last_timestamp(path) -> None:
 
 def test_raw_file_edited_in_place_re_prepares_and_stale_checkpoints_are_refused(tmp_path):
     overrides = ["stage=run", "seed=2025", "epochs=1", "trainer.expert.epochs=1", *files_overrides(tmp_path)]
-    cfg = compose("pretrain", overrides)
+    cfg = stage_config("pretrain", overrides)
     run_pretrain(cfg)
     train = tmp_path / "data" / "TINY" / "TINY.full.train.inter"
     before = train.read_text()
     swap_first_and_last_timestamp(tmp_path / "raw" / "S1.inter")
     with pytest.raises(ValueError, match=r"SASRec-TINY-2025\.full\.ckpt: made from inputs that have changed since "
                                          r"\(full\.train was .*TINY\.full\.train\.inter with sha256 \w+, is now"):
-        run_pretrain(compose("pretrain", overrides))
+        run_pretrain(stage_config("pretrain", overrides))
     # the edit re-prepared the data: same sizes, other rows
     assert train.read_text() != before and len(train.read_text()) == len(before)
     # overwrite=true replaces the stale checkpoints, and only those
-    run_pretrain(compose("pretrain", [*overrides, "overwrite=true"]))
-    run_pretrain(compose("pretrain", overrides))
+    run_pretrain(stage_config("pretrain", [*overrides, "overwrite=true"]))
+    run_pretrain(stage_config("pretrain", overrides))
 
 
 def test_moved_raw_files_are_not_prepared_again(tmp_path):
     overrides = files_overrides(tmp_path)
-    cfg = compose("prepare", [o for o in overrides if o.startswith(("dataset", "data_path"))])
+    cfg = stage_config("prepare", [o for o in overrides if o.startswith(("dataset", "data_path"))])
     prepare_dataset(cfg.dataset, cfg.data_path, progress=False)
     manifest = tmp_path / "data" / "TINY" / "manifest.json"
     stamp = manifest.stat().st_mtime_ns
     (tmp_path / "raw").rename(tmp_path / "moved")
-    moved = compose("prepare", [o for o in overrides if o.startswith(("dataset", "data_path"))]
+    moved = stage_config("prepare", [o for o in overrides if o.startswith(("dataset", "data_path"))]
                     + [f"dataset.raw_dir={tmp_path}/moved"])
     prepare_dataset(moved.dataset, moved.data_path, progress=False)
     assert manifest.stat().st_mtime_ns == stamp
@@ -209,7 +209,7 @@ def test_torchrun_trains_data_parallel_and_its_evaluation_is_one_processs(tmp_pa
     assert done.returncode == 0, done.stderr[-3000:]
     assert "data-parallel rank 1 of 2" in done.stdout
     assert (tmp_path / "hydra" / "metrics.json").is_file() and not (tmp_path / "hydra-rank1" / "metrics.json").exists()
-    cfg = compose("pretrain", overrides[:-1])
+    cfg = stage_config("pretrain", overrides[:-1])
     dataset = PreparedDataset(tmp_path / "data", "TINY")
     checkpoints = json.loads((tmp_path / "hydra" / "metrics.json").read_text())["checkpoints"]
     saved = load_checkpoint(next((tmp_path / "checkpoint").rglob("*.full.ckpt")))
@@ -241,14 +241,14 @@ def test_an_edit_that_restores_size_and_modification_time_is_seen(tmp_path):
     import os
 
     overrides = ["stage=run", "seed=2025", "epochs=1", "trainer.expert.epochs=1", *files_overrides(tmp_path)]
-    run_pretrain(compose("pretrain", overrides))
+    run_pretrain(stage_config("pretrain", overrides))
     raw = tmp_path / "raw" / "S1.inter"
     before = raw.stat()
     swap_first_and_last_timestamp(raw)  # the same size
     os.utime(raw, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert (raw.stat().st_size, raw.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
     with pytest.raises(ValueError, match=r"made from inputs that have changed since"):
-        run_pretrain(compose("pretrain", overrides))
+        run_pretrain(stage_config("pretrain", overrides))
 
 
 def store_state(root) -> dict:

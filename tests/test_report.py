@@ -132,12 +132,12 @@ def test_report_waits_for_another_job_training_the_same_checkpoint(tmp_path, cap
     from analysis.run_store import Report
     from data.files import exclusive_lock
     from pipeline.artifacts import stage1_paths
-    from pipeline.settings import compose
+    from pipeline.settings import stage_config
     from trainer import lock_file
 
     overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith(("dataset=", "run_dir"))]
     overrides += ["trainer.base.epochs=1", "trainer.expert.epochs=1"]
-    base = stage1_paths(compose("pretrain", ["dataset=synthetic", *overrides, "seed=2025"])).base
+    base = stage1_paths(stage_config("pretrain", ["dataset=synthetic", *overrides, "seed=2025"])).base
     held, waiting = threading.Event(), threading.Event()
 
     class Watch(logging.Handler):

@@ -15,9 +15,9 @@ def write_config(folder, stage, overrides):
     """The config.yaml a run leaves beside its metrics (the settings results.py groups by)."""
     from omegaconf import OmegaConf
 
-    from pipeline.settings import compose
+    from pipeline.settings import stage_config
 
-    (folder / "config.yaml").write_text(OmegaConf.to_yaml(compose(stage, overrides), resolve=True))
+    (folder / "config.yaml").write_text(OmegaConf.to_yaml(stage_config(stage, overrides), resolve=True))
 
 
 def write_run(folder, model, train_type, dom, seed, value, variant="taesar", settings=(), **extra):

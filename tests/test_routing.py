@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from data.paths import PROJECT_ROOT
 from pipeline.routing import PIPELINE, ROUTES, STAGES, RoutingError, readers, route, split
-from pipeline.settings import compose
+from pipeline.settings import stage_config
 
 CONFIGS = {"prepare": "prepare", "pretrain": "pretrain", "decoding": "decoding", "finetune": "finetune",
            "baseline": "baseline"}
@@ -19,7 +19,7 @@ CONFIGS = {"prepare": "prepare", "pretrain": "pretrain", "decoding": "decoding",
 @pytest.fixture(scope="module")
 def configs():
     overrides = {"pretrain": ["stage=run"], "decoding": ["stage=dec"], "finetune": ["stage=tun", "train_type=sim"]}
-    return {stage: OmegaConf.to_container(compose(name, overrides.get(stage, [])), resolve=False)
+    return {stage: OmegaConf.to_container(stage_config(name, overrides.get(stage, [])), resolve=False)
             for stage, name in CONFIGS.items()}
 
 

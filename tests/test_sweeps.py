@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from data.paths import PROJECT_ROOT
-from tests.conftest import compose, tiny_overrides
+from tests.conftest import stage_config, tiny_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (PROJECT_ROOT / "config" / "experiment").glob("*.yaml"))
 DATASETS = sorted(p.stem for p in (PROJECT_ROOT / "config" / "dataset").glob("*.yaml"))
@@ -17,14 +17,14 @@ DATASETS = sorted(p.stem for p in (PROJECT_ROOT / "config" / "dataset").glob("*.
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes(experiment):
-    cfg = compose("pretrain", [f"experiment={experiment}"])
+    cfg = stage_config("pretrain", [f"experiment={experiment}"])
     assert cfg.stage == "run" and cfg.expert.init in ("base", "scratch")
 
 
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_every_dataset_composes(dataset):
     for config_name in ("prepare", "pretrain"):
-        assert compose(config_name, [f"dataset={dataset}"]).dataset.name == dataset
+        assert stage_config(config_name, [f"dataset={dataset}"]).dataset.name == dataset
 
 
 MODEL_NAMES = sorted(p.stem for p in (PROJECT_ROOT / "config" / "model_name").glob("*.yaml"))
@@ -33,7 +33,7 @@ MODEL_NAMES = sorted(p.stem for p in (PROJECT_ROOT / "config" / "model_name").gl
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
 def test_every_backbone_config_passes_the_schema(model_name):
     train_type = "full" if model_name == "SASRec4" else "sim"  # SASRec4 is SASRec on the mixed rows
-    cfg = compose("finetune", [f"train_type={train_type}", "target_dom=dom1", f"model_name={model_name}"])
+    cfg = stage_config("finetune", [f"train_type={train_type}", "target_dom=dom1", f"model_name={model_name}"])
     assert cfg.model_name == ("SASRec" if model_name == "SASRec4" else model_name)
 
 
@@ -42,7 +42,7 @@ def test_every_declared_key_is_read():
     refuses what no code reads), and each schema field is in the configs."""
     from pipeline.schemas import FinetuneSettings
 
-    declared = set(compose("finetune", ["train_type=sim", "target_dom=dom1"]))
+    declared = set(stage_config("finetune", ["train_type=sim", "target_dom=dom1"]))
     fields = {f.name for f in dataclasses.fields(FinetuneSettings)}
     assert declared == fields
 
