@@ -31,7 +31,8 @@ from core.distributed import World, process_group
 from pipeline.runs import seed_everything, user_errors
 from pipeline.settings import rerun_command, stage_settings, train_config, variant_name
 from pipeline.stage_run import StageRun
-from trainer import Evaluation, evaluate, fit
+from evaluation import Evaluation, evaluate
+from trainer import fit
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,8 @@ from pipeline.runs import user_errors
 from pipeline.settings import decoder_config, expert_variant, stage_settings, train_config
 from pipeline.stage_run import StageRun
 from checkpoints import load_checkpoint
-from trainer import Evaluation, fit
+from evaluation import Evaluation
+from trainer import fit
 
 log = logging.getLogger(__name__)
 

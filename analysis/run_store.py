@@ -4,7 +4,7 @@ there may be used for this invocation (the settings its results depend on must b
 else SettingsMismatch, or `--rerun`), running a stage when it must (waiting for another process that
 trains the same artifact), and rebuilding the Stage I and II artifacts a recorded run needs on a
 machine that lacks them, with a note of whether the rebuild reproduced the record.
-analysis/report.py plans the study over these runs and writes it.
+analysis/report.py plans the study over these runs, analysis/report_writer.py writes it.
 """
 from __future__ import annotations
 

@@ -30,7 +30,8 @@ from pipeline.runs import seed_everything, user_errors
 from core.schema import ConfigError
 from pipeline.settings import baseline_settings, train_config
 from pipeline.stage_run import StageRun
-from trainer import Evaluation, evaluate, fit
+from evaluation import Evaluation, evaluate
+from trainer import fit
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,8 @@ from cdsr_baseline.train import run_baseline
 from data import SequenceBatch, SequenceLoader, SequenceRows
 from pipeline.settings import stage_config
 from tests.conftest import tiny_overrides
-from trainer import Evaluation, TrainConfig, fit, load_checkpoint
+from evaluation import Evaluation
+from trainer import TrainConfig, fit, load_checkpoint
 
 # three domains of five items: A = 1..5, B = 6..10, C = 11..15
 STARTS = [1, 6, 11, 16]

@@ -198,7 +198,8 @@ def test_torchrun_trains_data_parallel_and_its_evaluation_is_one_processs(tmp_pa
     from model.decoder import TaesarDecoder
     from model.objectives import target_scores
     from pipeline.settings import decoder_config
-    from trainer import Evaluation, evaluate, load_checkpoint
+    from evaluation import Evaluation, evaluate
+    from trainer import load_checkpoint
 
     overrides = ["seed=2025", "trainer.base.epochs=2", "trainer.expert.epochs=1", *tiny_overrides(tmp_path),
                  f"hydra.run.dir={tmp_path}/hydra" + "${rank_suffix:}"]

@@ -66,7 +66,7 @@ def test_report_on_tiny_data_is_complete_and_resumable(tmp_path):
 
 
 def test_claims_against_the_baselines_pair_the_same_users():
-    from analysis.report import comparisons
+    from analysis.report_writer import comparisons
 
     def ranks(users, values):
         return {"test_ranks": {"users": users, "ranks": values}}

@@ -13,7 +13,8 @@ from model.objectives import next_item_objective, target_scores
 from data.files import BusyError, exclusive_lock
 from checkpoints import load_checkpoint, lock_file, resume_file
 from core.errors import CheckpointError
-from trainer import Evaluation, TrainConfig, evaluate, fit, metric_key
+from evaluation import Evaluation, evaluate, metric_key
+from trainer import TrainConfig, fit
 
 N_ITEMS = 12
 
