@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from data import SequenceLoader, read_inter
 from data.fingerprints import fingerprint
 from data.paths import project_path
-from model.backbones import build_backbone
+from backbones.registry import build_backbone
 from pipeline.artifacts import decoding_inputs, finetune_checkpoint, missing_regenerated, regenerated, training_source
 from core.distributed import World, process_group
 from pipeline.runs import seed_everything, user_errors

@@ -111,7 +111,7 @@ def _backbone(dataset, name: str, split: str, reference: bool):
     the target domain's on a domain's rows)."""
     from omegaconf import OmegaConf
 
-    from model.backbones import build_backbone
+    from backbones.registry import build_backbone
     from pipeline.settings import stage_config
 
     cfg = stage_config("finetune", [f"model_name={name}", "train_type=full", "target_dom=dom1"])

@@ -131,7 +131,7 @@ def training_epochs(dataset: PreparedDataset, device: str, dry: bool) -> list[tu
     from recbole.model.sequential_recommender.sasrec import SASRec
 
     from model.objectives import next_item_objective
-    from model.recbole_adapter import build_recbole_model, to_interaction
+    from backbones.recbole_adapter import build_recbole_model, to_interaction
 
     rows = dataset.rows("full.train")
     if dry:

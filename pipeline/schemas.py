@@ -123,7 +123,7 @@ class FinetuneSettings(PipelineSettings):
     """config/finetune.yaml: the shared keys and the backbone's."""
 
     model_name: str
-    model: dict  # checked by model.backbones.check_backbone_params
+    model: dict  # checked by backbones.registry.check_backbone_params
     train_type: Literal[TRAIN_TYPES]
     eval_history: Literal["target_only", "mixed"]
     new_inter_path: Optional[str]

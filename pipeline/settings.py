@@ -93,7 +93,7 @@ def stage_settings(cfg: DictConfig, stage: str) -> DictConfig:
     _check_trainers(values)
     decoder_params(values["decoder"])
     if stage == "finetune":
-        from model.backbones import check_backbone_params
+        from backbones.registry import check_backbone_params
 
         if values["model_name"] == SASREC4:
             if values["train_type"] != "full":

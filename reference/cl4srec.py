@@ -4,7 +4,7 @@ gradients)."""
 import torch
 
 from data import SequenceBatch
-from model.cl4srec import CL4SRec, nt_xent
+from backbones.cl4srec import CL4SRec, nt_xent
 from model.decoder import gather_states
 
 

@@ -4,7 +4,7 @@ the new ones compute the same graphs, loss and gradients)."""
 import torch
 import torch.nn.functional as F
 
-from model.gcegnn import GCEGNN, N_EDGE_TYPES, reverse_history
+from backbones.gcegnn import GCEGNN, N_EDGE_TYPES, reverse_history
 
 
 def dense_session_graph(w: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

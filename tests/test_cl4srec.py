@@ -12,7 +12,7 @@ import yaml
 
 from data import SequenceBatch
 from data.paths import PROJECT_ROOT
-from model.cl4srec import (CL4SRec, CROP, IDENTITY, MASK, REORDER, augment, crop, draw_operators, mask, nt_xent,
+from backbones.cl4srec import (CL4SRec, CROP, IDENTITY, MASK, REORDER, augment, crop, draw_operators, mask, nt_xent,
                            reorder)
 from model.objectives import target_scores
 
@@ -189,7 +189,7 @@ def test_loss_is_main_plus_weighted_contrastive(item_range):
 
 
 def test_the_grouped_contrastive_loss_equals_the_one_before():
-    """Views in length groups with the last block at the read positions only (model/cl4srec.py): with
+    """Views in length groups with the last block at the read positions only (backbones/cl4srec.py): with
     dropout off, the loss and every gradient of the implementation before (reference/cl4srec.py),
     the augmentations drawn alike; with dropout on, the same seed gives the same bytes."""
     from reference.cl4srec import ReferenceCL4SRec

@@ -66,7 +66,7 @@ def build(name: str, sequences: torch.Tensor) -> torch.nn.Module:
 
         return ABXI(15, STARTS, **MODELS[name])
     if name == "SASRec":
-        from model.backbones import SASRec
+        from backbones.registry import SASRec
 
         return SASRec(15, WIDTH, **MODELS[name])
     module = __import__(f"cdsr_baseline.{name.split('-')[0].lower()}", fromlist=["_"])

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from data import SequenceBatch, SequenceRows
 from data.paths import PROJECT_ROOT
-from model.gcegnn import GCEGNN, global_neighbours, reverse_history, session_graph
+from backbones.gcegnn import GCEGNN, global_neighbours, reverse_history, session_graph
 
 N_ITEMS = 30
 PARAMS = dict(embedding_size=16, sample_num=12, leakyrelu_alpha=0.2, dropout_local=0.0, dropout_gcn=0.0,

@@ -11,8 +11,8 @@ from recbole.model.sequential_recommender.gru4rec import GRU4Rec as RecBoleGRU4R
 
 from data import SequenceBatch
 from data.paths import PROJECT_ROOT
-from model.gru4rec import GRU4Rec
-from model.recbole_adapter import build_recbole_model, to_interaction
+from backbones.gru4rec import GRU4Rec
+from backbones.recbole_adapter import build_recbole_model, to_interaction
 
 N_ITEMS, MAX_LEN = 30, 16
 # D != D_h, so a transposed or swapped weight cannot pass

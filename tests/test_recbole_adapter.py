@@ -6,7 +6,7 @@ import torch
 from data import SequenceLoader, SequenceRows
 from model.decoder import TaesarDecoder
 from model.objectives import target_scores
-from model.recbole_adapter import ITEM, ITEM_SEQ, ITEM_SEQ_LEN, to_interaction
+from backbones.recbole_adapter import ITEM, ITEM_SEQ, ITEM_SEQ_LEN, to_interaction
 from tests.test_decoder import CONFIG, from_recbole, recbole_sasrec
 
 
@@ -36,6 +36,6 @@ def test_importing_recbole_models_leaves_anomaly_detection_off():
     every model of the process); the adapter, which every RecBole import here goes through, turns it off."""
     import recbole.model.sequential_recommender.sine  # noqa: F401
 
-    import model.recbole_adapter  # noqa: F401
+    import backbones.recbole_adapter  # noqa: F401
 
     assert not torch.is_anomaly_enabled()

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data import SequenceBatch, checked_item_range
-from model.backbone_base import Backbone
+from backbones.base import Backbone
 from model.decoder import DecoderConfig, SASRecConfig, TaesarDecoder
 from model.objectives import LENGTH_GROUPS, next_item_objective, target_scores
 from core.distributed import count_over_ranks
@@ -160,7 +160,7 @@ class CL4SRec(Backbone):
     NOTE: the mask token is never a candidate: scores and the loss's softmax cover real items only.
     """
 
-    last_position_only = False  # the loss reads every position: no prefix expansion (model/backbones.py)
+    last_position_only = False  # the loss reads every position: no prefix expansion (backbones/registry.py)
     loss_reduces_over_ranks = True  # the main loss reduces over torchrun's ranks; the contrastive part is weighted
 
     def __init__(self, n_items: int, max_len: int, **params):

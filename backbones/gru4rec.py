@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from data import SequenceBatch, checked_item_range
-from model.backbone_base import Backbone
+from backbones.base import Backbone
 from model.objectives import next_item_objective, target_scores
 from core.schema import at_least, check_ranges
 
@@ -44,7 +44,7 @@ class GRU4Rec(Backbone):
     lo + j); RecBole gathers the last position in `forward` and scores the padding row too.
     """
 
-    last_position_only = False  # the loss reads every position: no prefix expansion (model/backbones.py)
+    last_position_only = False  # the loss reads every position: no prefix expansion (backbones/registry.py)
     loss_reduces_over_ranks = True  # the decoder's objective (model/objectives.py) reduces over torchrun's ranks
 
     def __init__(self, n_items: int, max_len: int, **params):

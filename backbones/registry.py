@@ -1,4 +1,4 @@
-"""Stage III backbones by name, each a `model.backbone_base.Backbone` (the interface fine-tuning
+"""Stage III backbones by name, each a `backbones.base.Backbone` (the interface fine-tuning
 uses, so that it treats them all alike): this project's SASRec, GRU4Rec, CL4SRec and GCE-GNN, and
 any RecBole sequential model through an adapter.
 """
@@ -14,10 +14,10 @@ from recbole.data.transform import construct_transform
 from torch import nn
 
 from data import SequenceBatch
-from model.backbone_base import Backbone
+from backbones.base import Backbone
 from model.decoder import DecoderConfig, TaesarDecoder
 from model.objectives import next_item_objective, target_scores
-from model.recbole_adapter import Vocabulary, recbole_config, to_interaction
+from backbones.recbole_adapter import Vocabulary, recbole_config, to_interaction
 from core.schema import ConfigError, from_config, unknown_key
 
 
@@ -43,7 +43,7 @@ class RecBoleModel(Backbone):
 
     Its hyperparameters are RecBole's defaults for the model
     (`recbole/properties/model/NAME.yaml`) updated with `params`. It reads our
-    batches through `model/recbole_adapter.py`, so item ids stay the contract's.
+    batches through `backbones/recbole_adapter.py`, so item ids stay the contract's.
     RecBole's losses read the last position of a row, hence prefix expansion;
     their softmax runs over every item id, as RecBole computes it.
     """
@@ -104,10 +104,10 @@ def _number(value):
 
 
 # This project's backbones, imported when asked for: the model class and the dataclass of its keys.
-BACKBONES = {"SASRec": ("model.backbones:SASRec", "model.decoder:SASRecConfig"),
-             "GRU4Rec": ("model.gru4rec:GRU4Rec", "model.gru4rec:GRU4RecConfig"),
-             "CL4SRec": ("model.cl4srec:CL4SRec", "model.cl4srec:CL4SRecConfig"),
-             "GCEGNN": ("model.gcegnn:GCEGNN", "model.gcegnn:GCEGNNConfig")}
+BACKBONES = {"SASRec": ("backbones.registry:SASRec", "model.decoder:SASRecConfig"),
+             "GRU4Rec": ("backbones.gru4rec:GRU4Rec", "backbones.gru4rec:GRU4RecConfig"),
+             "CL4SRec": ("backbones.cl4srec:CL4SRec", "backbones.cl4srec:CL4SRecConfig"),
+             "GCEGNN": ("backbones.gcegnn:GCEGNN", "backbones.gcegnn:GCEGNNConfig")}
 # Keys of config/model/RecBole.yaml, the paper's uniform setting in RecBole's names.
 RECBOLE_UNIFORM = ("hidden_size", "embedding_size", "inner_size", "n_layers", "n_heads", "hidden_dropout_prob",
                    "attn_dropout_prob", "dropout_prob")

@@ -1,4 +1,4 @@
-"""What Stage III asks of every backbone (model/backbones.py builds them by name).
+"""What Stage III asks of every backbone (backbones/registry.py builds them by name).
 
     model.loss(batch, item_range)    -> scalar training loss (softmax over `item_range`, None: all items)
     model.scores(batch, item_range)  -> (B, hi - lo) scores of the candidates from each row's history

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data import SequenceBatch, SequenceRows, checked_item_range
-from model.backbone_base import Backbone
+from backbones.base import Backbone
 from core.schema import at_least
 
 GLOBAL_WINDOW = 4  # a target is linked to its 4 most recent history items (fixed in RecBole-GNN)
@@ -165,7 +165,7 @@ class GCEGNN(Backbone):
     NOTE: `logits` scores real items only (column j is item lo + j); RecBole-GNN scores the padding row too.
     """
 
-    last_position_only = True  # one prediction per row: the caller expands rows into prefixes (model/backbones.py)
+    last_position_only = True  # one prediction per row: the caller expands rows into prefixes (backbones/registry.py)
 
     def __init__(self, n_items: int, max_len: int, **params):
         super().__init__()
