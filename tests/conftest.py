@@ -22,25 +22,18 @@ def acdt_dataset(acdt_raw, tmp_path_factory) -> PreparedDataset:
 
 
 def tiny_overrides(tmp_path, **generator) -> list[str]:
-    """Overrides for a small synthetic dataset and short, quiet runs, all under tmp_path; every stage takes them."""
-    knobs = {"n_users": 120, "n_domains": 3, "items_per_domain": 40, "n_concepts": 24, "seq_len_min": 24,
-             "seq_len_max": 40, **generator}
+    """The tiny preset (config/dataset/tiny.yaml, config/debug/tiny.yaml) with every file under tmp_path;
+    `generator` changes the tiny dataset's generator knobs. For the pipeline stages (prepare takes the
+    dataset.* and data_path ones)."""
     return [
-        "dataset=synthetic",
-        "dataset.name=TINY",
+        "dataset=tiny",
         f"dataset.raw_dir={tmp_path}/raw",
-        *(f"dataset.generator.{k}={v}" for k, v in knobs.items()),
+        *(f"dataset.generator.{k}={v}" for k, v in generator.items()),
         f"data_path={tmp_path}/data",
         f"checkpoint_dir={tmp_path}/checkpoint",
         f"regenerated_dir={tmp_path}/regenerated",
         f"run_dir={tmp_path}/run",
-        "logger.mode=disabled",
-        "progress=false",
-        "decoder.hidden_size=16",
-        "decoder.inner_size=16",
-        "MAX_ITEM_LIST_LENGTH=64",
-        *(f"trainer.{t}.batch_size=32" for t in ("base", "expert", "finetune")),
-        "eval_batch_size=64",
+        "debug=tiny",
     ]
 
 

@@ -13,12 +13,12 @@ from tests.conftest import tiny_overrides
 def test_ablation_writes_one_row_per_variant(tmp_path):
     overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith(("run_dir", "dataset="))]
     out = tmp_path / "ablation"
-    rows = run_ablation("dom2", model="SASRec", dataset="synthetic", seeds=[2025], out=out,
+    rows = run_ablation("dom2", model="SASRec", dataset="tiny", seeds=[2025], out=out,
                         overrides=[*overrides, "trainer.base.epochs=1", "trainer.expert.epochs=1",
                                    "trainer.finetune.epochs=1"])
     assert [r["variant"] for r in rows] == list(VARIANTS.values())
     # Stage I trained three times: the base model once, experts for taesar, wo_dsa and dsa_wo_dsp.
-    assert len(list((tmp_path / "checkpoint" / "TINY").glob("SASRec-h*/*/settings.json"))) == 3
+    assert len(list((tmp_path / "checkpoint" / "tiny").glob("SASRec-h*/*/settings.json"))) == 3
     for variant in VARIANTS:
         assert (out / "runs" / variant / "finetune-seed2025" / "metrics.json").is_file()
     lines = (out / "ablation.md").read_text().splitlines()

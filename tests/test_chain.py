@@ -24,14 +24,14 @@ def test_smoke_chain_writes_every_output(tmp_path):
     run_pretrain(stage_config("pretrain", overrides))
     paths = stage1_paths(stage_config("pretrain", overrides))
     assert paths.base.is_file() and all(paths.expert(f"dom{d}").is_file() for d in (1, 2, 3))
-    data = tmp_path / "data" / "TINY"
-    assert (data / "TINY.item").is_file() and (data / "manifest.json").is_file()
+    data = tmp_path / "data" / "tiny"
+    assert (data / "tiny.item").is_file() and (data / "manifest.json").is_file()
     for target in ("dom1", "dom2", "dom3"):
         cfg = stage_config("decoding", [f"target_dom={target}", *overrides])
         run_decoding(cfg)
         output = regenerated(cfg)
         for path in (output.inter, output.summary, output.mapping, output.manifest):
-            assert path.is_file() and path.name.startswith(f"TINY.2025.{target}.train.")
+            assert path.is_file() and path.name.startswith(f"tiny.2025.{target}.train.")
     runs = tmp_path / "runs"
     for target in ("dom1", "dom2", "dom3"):
         for train_type in ("new", "sim", "full"):
@@ -49,16 +49,15 @@ def test_smoke_chain_writes_every_output(tmp_path):
 
 @pytest.mark.slow
 def test_run_sh_on_synthetic_data(tmp_path):
-    """`bash run.sh` itself, on the small default synthetic dataset with short trainings."""
-    env = {**os.environ, "DATASET": "synthetic", "DOMAINS": "dom1"}
-    result = subprocess.run(["bash", "run.sh", "trainer.base.epochs=2", "trainer.expert.epochs=1",
-                             "trainer.finetune.epochs=2", "decoder.hidden_size=16", "decoder.inner_size=16",
-                             "model.hidden_size=16", "model.inner_size=16", "finetune:eval_batch_size=512",
-                             "logger.mode=disabled", "progress=false"],
+    """`bash run.sh` itself, on the tiny dataset with the debug preset and short trainings."""
+    env = {**os.environ, "DATASET": "tiny", "DOMAINS": "dom1"}
+    result = subprocess.run(["bash", "run.sh", "debug=tiny", "trainer.base.epochs=2", "trainer.expert.epochs=1",
+                             "trainer.finetune.epochs=2", "model.hidden_size=16", "model.inner_size=16",
+                             "finetune:eval_batch_size=512", "logger.mode=disabled", "progress=false"],
                             cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| dataset | model | train |" in result.stdout
-    run = sorted((PROJECT_ROOT / "outputs" / "run.sh" / "synthetic").iterdir())[-1]
+    run = sorted((PROJECT_ROOT / "outputs" / "run.sh" / "tiny").iterdir())[-1]
     for name in ("table.md", "table.csv", "ndcg10.png", "analysis/seed_2025/diagnostics_dom1.png",
                  "analysis/seed_2025/diagnostics_dom1.json", "analysis/seed_2025/mapping_dom1.png"):
         assert (run / name).is_file(), name

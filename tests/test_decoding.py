@@ -44,7 +44,7 @@ def decoding_config(root, *extra):
 def test_regenerated_file_follows_the_contract(trained):
     cfg = decoding_config(trained)
     report = run_decoding(cfg)
-    dataset = PreparedDataset(project_path(cfg.data_path), "TINY")
+    dataset = PreparedDataset(project_path(cfg.data_path), "tiny")
     lo, hi = dataset.domains.range("dom2")
     output = regenerated(cfg)
     folder, path = output.folder, output.inter
@@ -62,22 +62,22 @@ def test_regenerated_file_follows_the_contract(trained):
         items = line.replace("\t", " ").split(" ")[1:]
         assert all(a != b for a, b in zip(items, items[1:]))
 
-    summary = json.loads((folder / "TINY.2025.dom2.train.summary.json").read_text())
+    summary = json.loads((folder / "tiny.2025.dom2.train.summary.json").read_text())
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     assert {"stage": "decoding", **summary, "seed": 2025, "file": str(path), "sha256": digest} == report
     for counts in summary["source_items"].values():
         assert counts["seen"] == counts["replaced"] + counts["deleted"] > 0
         assert counts["without_history"] <= counts["deleted"]
-    mapping = json.loads((folder / "TINY.2025.dom2.train.mapping.json").read_text())
+    mapping = json.loads((folder / "tiny.2025.dom2.train.mapping.json").read_text())
     assert sum(c for targets in mapping.values() for c in targets.values()) == summary["source_items_replaced"]
     assert all(lo <= int(t) < hi and not lo <= int(s) < hi for s, ts in mapping.items() for t in ts)
-    manifest = json.loads((folder / "TINY.2025.dom2.train.manifest.json").read_text())
+    manifest = json.loads((folder / "tiny.2025.dom2.train.manifest.json").read_text())
     assert manifest["variant"] == "taesar"
-    assert manifest["inputs"]["checkpoint dom2"]["file"] == "SASRec-TINY-2025.dom2.ckpt"
-    assert manifest["checkpoints"]["dom2"].endswith("/SASRec-TINY-2025.dom2.ckpt")
+    assert manifest["inputs"]["checkpoint dom2"]["file"] == "SASRec-tiny-2025.dom2.ckpt"
+    assert manifest["checkpoints"]["dom2"].endswith("/SASRec-tiny-2025.dom2.ckpt")
     assert set(manifest["inputs"]) == {"item", "full.train", "dom2.train", "checkpoint full",
                                        *(f"checkpoint dom{d}" for d in (1, 2, 3))}
-    assert folder.parent == trained / "regenerated" / "TINY"  # outside the prepared data
+    assert folder.parent == trained / "regenerated" / "tiny"  # outside the prepared data
 
     stamp = path.stat().st_mtime_ns
     assert run_decoding(cfg) == report  # reused, not decoded again
@@ -108,7 +108,7 @@ RULES = {
 @pytest.mark.parametrize("name", sorted(RULES))
 def test_fast_decoder_equals_the_plain_one(trained, name):
     cfg = decoding_config(trained)
-    dataset = PreparedDataset(project_path(cfg.data_path), "TINY")
+    dataset = PreparedDataset(project_path(cfg.data_path), "tiny")
     models = load_stage1(cfg, dataset, torch.device("cpu"))
     rows = dataset.rows("full.train").take(range(40))  # the plain decoder is slow
     experts = {d: models[f"dom{d}"] for d in range(1, dataset.domains.n_domains + 1)}
@@ -137,7 +137,7 @@ def test_ablations_write_to_their_own_folders(trained):
 
 def test_missing_checkpoints_stop_before_writing(tmp_path):
     cfg = decoding_config(tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"SASRec-TINY-2025\.full\.ckpt: Stage I checkpoint not found"):
+    with pytest.raises(FileNotFoundError, match=r"SASRec-tiny-2025\.full\.ckpt: Stage I checkpoint not found"):
         run_decoding(cfg)
     assert not regenerated(cfg).folder.exists()
 
@@ -159,13 +159,13 @@ def test_checkpoints_of_another_vocabulary_are_refused(trained, tmp_path):
 
 def test_checkpoints_trained_on_other_data_of_the_same_shape_are_refused(trained, tmp_path):
     """Same sizes, same settings, other rows: only the fingerprints tell the checkpoints apart."""
-    fork_dataset(trained / "data" / "TINY", tmp_path / "data" / "TINY")
+    fork_dataset(trained / "data" / "tiny", tmp_path / "data" / "tiny")
     cfg = decoding_config(trained, f"data_path={tmp_path / 'data'}", f"checkpoint_dir={tmp_path / 'checkpoint'}",
                           f"regenerated_dir={tmp_path / 'regenerated'}")
     copy_stage1(decoding_config(trained), cfg)
-    with pytest.raises(ValueError, match=r"SASRec-TINY-2025\.full\.ckpt: made from inputs that have changed since "
-                                         r"\(full\.train was TINY\.full\.train\.inter with sha256 \w+, is now "
-                                         r"TINY\.full\.train\.inter with sha256 \w+\)"):
+    with pytest.raises(ValueError, match=r"SASRec-tiny-2025\.full\.ckpt: made from inputs that have changed since "
+                                         r"\(full\.train was tiny\.full\.train\.inter with sha256 \w+, is now "
+                                         r"tiny\.full\.train\.inter with sha256 \w+\)"):
         run_decoding(cfg)
     assert not regenerated(cfg).folder.exists()
 
@@ -181,13 +181,13 @@ def test_output_of_replaced_checkpoints_is_not_reused(trained, tmp_path):
     shorter = stage_config("pretrain", [*TRAINING, *tiny_overrides(root), "trainer.expert.epochs=1"])
     run_pretrain(shorter)
     stage1_paths(cfg).expert("dom1").write_bytes(stage1_paths(shorter).expert("dom1").read_bytes())
-    stale = r"TINY\.2025\.dom3\.train\.inter: made from inputs that have changed since \(checkpoint dom1 was"
+    stale = r"tiny\.2025\.dom3\.train\.inter: made from inputs that have changed since \(checkpoint dom1 was"
     with pytest.raises(ValueError, match=stale):
         run_decoding(cfg)
     with pytest.raises(ValueError, match=stale):
         run_finetune(stage_config("finetune", ["train_type=new", "target_dom=dom3", *TRAINING, *tiny_overrides(root)]))
     run_decoding(decoding_config(root, "target_dom=dom3", "overwrite=true"))
-    regenerated(cfg).check(decoding_inputs(cfg, PreparedDataset(root / "data", "TINY"), "dom3"))
+    regenerated(cfg).check(decoding_inputs(cfg, PreparedDataset(root / "data", "tiny"), "dom3"))
 
 
 def test_re_preparing_the_dataset_keeps_the_regenerated_files(trained, tmp_path):
@@ -215,7 +215,7 @@ def test_a_changed_prepared_file_is_prepared_again(trained, tmp_path):
     cfg = decoding_config(trained)
     data = tmp_path / "data"
     shutil.copytree(project_path(cfg.data_path), data)
-    train = data / "TINY" / "TINY.full.train.inter"
+    train = data / "tiny" / "tiny.full.train.inter"
     original = train.read_text()
     train.write_text(HEADER + "\n")
     run_decoding(decoding_config(trained, f"data_path={data}", f"regenerated_dir={tmp_path}/regenerated"))
@@ -236,14 +236,14 @@ def test_all_target_domains_in_one_pass_write_the_files_of_one_run_per_domain(tr
         cfg = decoding_config(trained, f"target_dom={dom}", f"regenerated_dir={tmp_path}/single")
         run_decoding(cfg)
         output = regenerated(cfg)
-        one_by_one[dom] = {p.name: p.read_bytes() for p in output.folder.glob(f"TINY.2025.{dom}.train.*")}
+        one_by_one[dom] = {p.name: p.read_bytes() for p in output.folder.glob(f"tiny.2025.{dom}.train.*")}
     cfg = decoding_config(trained, "target_dom=all", f"regenerated_dir={tmp_path}/all")
     metrics = run_decoding(cfg)
     assert set(metrics["reports"]) == {"dom1", "dom2", "dom3"}
     for dom, files in one_by_one.items():
         output = regenerated(cfg, dom)
-        mine = {p.name: p.read_bytes() for p in output.folder.glob(f"TINY.2025.{dom}.train.*")}
-        manifest = f"TINY.2025.{dom}.train.manifest.json"
+        mine = {p.name: p.read_bytes() for p in output.folder.glob(f"tiny.2025.{dom}.train.*")}
+        manifest = f"tiny.2025.{dom}.train.manifest.json"
         assert {k: v for k, v in mine.items() if k != manifest} == {k: v for k, v in files.items() if k != manifest}
         # the manifests differ only in where the file was written
         ours, theirs = json.loads(mine[manifest]), json.loads(files[manifest])
@@ -260,7 +260,7 @@ def test_decisions_do_not_depend_on_the_chunks_or_the_targets_asked_for(trained)
     from model.regeneration import decode_rows, positions_per_block, positions_per_chunk
 
     cfg = decoding_config(trained)
-    dataset = PreparedDataset(project_path(cfg.data_path), "TINY")
+    dataset = PreparedDataset(project_path(cfg.data_path), "tiny")
     models = load_stage1(cfg, dataset, torch.device("cpu"))
     experts = {d: models[f"dom{d}"] for d in (1, 2, 3)}
     rows = dataset.rows("full.train").take(range(30))
@@ -286,7 +286,7 @@ def test_the_rule_in_float32_decides_as_in_float64_on_trained_models(trained):
     from model.regeneration import decode_rows
 
     cfg = decoding_config(trained)
-    dataset = PreparedDataset(project_path(cfg.data_path), "TINY")
+    dataset = PreparedDataset(project_path(cfg.data_path), "tiny")
     models = load_stage1(cfg, dataset, torch.device("cpu"))
     experts = {d: models[f"dom{d}"] for d in (1, 2, 3)}
     rows = dataset.rows("full.train")

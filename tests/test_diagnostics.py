@@ -190,7 +190,7 @@ def test_diagnostics_command(decoded, tmp_path):
     explicit = diagnostics.main(["--target", "dom1", "--regenerated", numbers["regenerated_file"],
                                  "--out", str(tmp_path / "again"), *run_overrides(decoded)])
     assert explicit == numbers
-    with pytest.raises(FileNotFoundError, match=r"TINY\.1\.dom1\.train\.inter: regenerated training file not found; "
+    with pytest.raises(FileNotFoundError, match=r"tiny\.1\.dom1\.train\.inter: regenerated training file not found; "
                                                 r"run `python decoding.py target_dom=dom1 .*seed=1"):
         diagnostics.main(["--target", "dom1", "--out", str(tmp_path), *run_overrides(decoded), "seed=1"])
     with pytest.raises(ValueError, match="target_dom='dom1'"):  # the manifest names another domain
@@ -202,8 +202,8 @@ def test_mapping_view_command(decoded, tmp_path):
     numbers = mapping_command.main(["--target", "dom1", "--out", str(tmp_path), *run_overrides(decoded)])
     png_ok(tmp_path / "mapping_dom1.png")
     assert json.loads((tmp_path / "mapping_dom1.json").read_text()) == numbers
-    assert numbers["checkpoint"].endswith("SASRec-TINY-2025.dom1.ckpt")
-    domains = PreparedDataset(decoded / "data", "TINY").domains
+    assert numbers["checkpoint"].endswith("SASRec-tiny-2025.dom1.ckpt")
+    domains = PreparedDataset(decoded / "data", "tiny").domains
     lo, hi = domains.range("dom1")
     assert numbers["target_items"] == hi - lo and numbers["source_items"] == domains.n_items - (hi - lo)
     mapping = json.loads(Path(numbers["regenerated_file"].removesuffix(".inter") + ".mapping.json").read_text())

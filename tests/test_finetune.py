@@ -32,7 +32,7 @@ def finetune_config(root, train_type, *extra):
 
 
 def test_each_train_type_reads_its_file(decoded):
-    dataset = PreparedDataset(project_path(finetune_config(decoded, "sim").data_path), "TINY")
+    dataset = PreparedDataset(project_path(finetune_config(decoded, "sim").data_path), "tiny")
     for train_type, split in (("sim", "dom1.train"), ("full", "full.train")):
         rows, record, source = training_rows(finetune_config(decoded, train_type), dataset)
         assert record == dataset.fingerprint(split) and source == split and len(rows) == len(dataset.rows(split))
@@ -50,7 +50,7 @@ def test_each_train_type_reads_its_file(decoded):
 
 def test_new_without_decoding_names_the_missing_file(decoded):
     cfg = finetune_config(decoded, "new", "target_dom=dom3")
-    with pytest.raises(FileNotFoundError, match=r"TINY\.2025\.dom3\.train\.inter: regenerated training file not found; "
+    with pytest.raises(FileNotFoundError, match=r"tiny\.2025\.dom3\.train\.inter: regenerated training file not found; "
                                                 r"run `python decoding.py target_dom=dom3 seed=2025` first"):
         run_finetune(cfg)
     # decoded for other Stage I settings: the message says which key differs
@@ -64,16 +64,16 @@ def test_the_official_keys_set_the_finetuning_alone(decoded):
     cfg = finetune_config(decoded, "new", "epochs=1", "train_batch_size=16", "learning_rate=1e-3")
     assert (cfg.trainer.finetune.epochs, cfg.trainer.finetune.batch_size) == (1, 16)
     assert cfg.trainer.base.epochs == 2 and cfg.trainer.finetune.learning_rate == 1e-3
-    assert run_finetune(cfg)["checkpoint"].endswith("SASRec-TINY-2025.tune.ckpt")
+    assert run_finetune(cfg)["checkpoint"].endswith("SASRec-tiny-2025.tune.ckpt")
 
 
 def test_a_finished_checkpoint_of_other_training_rows_is_refused(decoded, tmp_path):
     cfg = finetune_config(decoded, "sim", "epochs=1")
     metrics = run_finetune(cfg)
     assert run_finetune(cfg) == metrics  # reused
-    fork_dataset(decoded / "data" / "TINY", tmp_path / "data" / "TINY", split="dom1.train")
+    fork_dataset(decoded / "data" / "tiny", tmp_path / "data" / "tiny", split="dom1.train")
     other = finetune_config(decoded, "sim", "epochs=1", f"data_path={tmp_path / 'data'}")
-    with pytest.raises(ValueError, match=r"SASRec-TINY-2025\.tune\.ckpt: made from inputs that have changed since "
+    with pytest.raises(ValueError, match=r"SASRec-tiny-2025\.tune\.ckpt: made from inputs that have changed since "
                                          r"\(train was"):
         run_finetune(other)
 
@@ -84,7 +84,7 @@ def test_sasrec4_with_mixed_histories_is_selected_and_tested_on_the_full_rows(de
     their full.* histories."""
     import finetune
 
-    dataset = PreparedDataset(project_path(f"{decoded}/data"), "TINY")
+    dataset = PreparedDataset(project_path(f"{decoded}/data"), "tiny")
     seen, evaluation = [], finetune.Evaluation
 
     def recording(loader, scores, item_range):
@@ -111,7 +111,7 @@ def test_sasrec4_with_mixed_histories_is_selected_and_tested_on_the_full_rows(de
 @pytest.mark.parametrize("train_type", ["sim", "new", "full"])
 def test_candidates_are_the_target_domain(decoded, train_type):
     metrics = run_finetune(finetune_config(decoded, train_type, "epochs=2"))
-    n_target = len(range(*PreparedDataset(project_path(f"{decoded}/data"), "TINY").domains.range("dom1")))
+    n_target = len(range(*PreparedDataset(project_path(f"{decoded}/data"), "tiny").domains.range("dom1")))
     assert n_target <= 50
     # Ranked among the target items only, every target is within the top |R_d| <= 50, in every mode
     # (in full mode too, whose loss ranks all items).

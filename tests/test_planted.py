@@ -23,7 +23,7 @@ def test_replacements_hit_the_planted_counterparts(tmp_path):
     run_pretrain(stage_config("pretrain", overrides))
     cfg = stage_config("decoding", ["target_dom=dom1", *overrides])
     report = run_decoding(cfg)
-    dataset = PreparedDataset(project_path(cfg.data_path), "TINY")
+    dataset = PreparedDataset(project_path(cfg.data_path), "tiny")
     truth = planted_counterparts(tmp_path / "raw", read_item_tokens(dataset.item_path),
                                  SyntheticConfig(**GENERATOR), target=1)
     mapping = json.loads(regenerated(cfg).mapping.read_text())

@@ -73,8 +73,8 @@ def tiny_raw(tmp_path):
 
 
 def test_hand_made_input_gives_the_expected_files(tiny_raw, tmp_path):
-    summary = prepare_files(tiny_raw, tmp_path / "TINY", "TINY", **SETTINGS)
-    assert read_all(tmp_path / "TINY", "TINY") == EXPECTED
+    summary = prepare_files(tiny_raw, tmp_path / "tiny", "tiny", **SETTINGS)
+    assert read_all(tmp_path / "tiny", "tiny") == EXPECTED
     assert (summary["users"], summary["items"], summary["interactions"]) == (3, 4, 14)
     assert [d["items"] for d in summary["domains"]] == [2, 2]
 
@@ -158,9 +158,9 @@ def test_duplicates_are_exact_rows():
 
 
 def test_outputs_are_swapped_in_whole(tiny_raw, tmp_path, monkeypatch):
-    out = tmp_path / "TINY"
-    prepare_files(tiny_raw, out, "TINY", **SETTINGS)
-    before = read_all(out, "TINY")
+    out = tmp_path / "tiny"
+    prepare_files(tiny_raw, out, "tiny", **SETTINGS)
+    before = read_all(out, "tiny")
 
     import dataset.prepare as prepare_module
 
@@ -175,9 +175,9 @@ def test_outputs_are_swapped_in_whole(tiny_raw, tmp_path, monkeypatch):
     original = prepare_module.write_inter
     monkeypatch.setattr(prepare_module, "write_inter", failing_write)
     with pytest.raises(KeyboardInterrupt):
-        prepare_files(tiny_raw, out, "TINY", **SETTINGS)
-    assert read_all(out, "TINY") == before  # the old dataset is untouched
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["TINY", "raw"]  # no temporary leftovers
+        prepare_files(tiny_raw, out, "tiny", **SETTINGS)
+    assert read_all(out, "tiny") == before  # the old dataset is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw", "tiny"]  # no temporary leftovers
 
     monkeypatch.undo()
     fresh = tmp_path / "NEW"
@@ -189,11 +189,11 @@ def test_outputs_are_swapped_in_whole(tiny_raw, tmp_path, monkeypatch):
 
 
 def test_prepared_dataset_reads_what_was_written(tiny_raw, tmp_path):
-    prepare_files(tiny_raw, tmp_path / "TINY", "TINY", **SETTINGS)
-    ds = PreparedDataset(tmp_path, "TINY")
+    prepare_files(tiny_raw, tmp_path / "tiny", "tiny", **SETTINGS)
+    ds = PreparedDataset(tmp_path, "tiny")
     assert ds.domains == DomainRanges((1, 3, 5))
     assert sorted(p.name for p in ds.root.iterdir()) == sorted(
-        ["TINY.item", "manifest.json"] + [f"TINY.{s}.inter" for s in split_names(2)]
+        ["tiny.item", "manifest.json"] + [f"tiny.{s}.inter" for s in split_names(2)]
     )
     rows = ds.rows("full.test")
     assert rows.users.tolist() == [1, 2, 3]

@@ -22,12 +22,12 @@ def test_tiny_pretraining_writes_every_checkpoint(tmp_path):
     cfg = pretrain_config(tmp_path)
     summary = run_pretrain(cfg)
     paths = stage1_paths(cfg)
-    assert paths.base.name == "SASRec-TINY-2025.full.ckpt"
-    assert [paths.expert(d).name for d in ("dom1", "dom3")] == ["SASRec-TINY-2025.dom1.ckpt", "SASRec-TINY-2025.dom3.ckpt"]
+    assert paths.base.name == "SASRec-tiny-2025.full.ckpt"
+    assert [paths.expert(d).name for d in ("dom1", "dom3")] == ["SASRec-tiny-2025.dom1.ckpt", "SASRec-tiny-2025.dom3.ckpt"]
     for role in ("full", "dom1", "dom2", "dom3"):
         path = paths.base if role == "full" else paths.expert(role)
         saved = torch.load(path, weights_only=True)
-        assert saved["meta"]["role"] == role and saved["meta"]["dataset"] == "TINY"
+        assert saved["meta"]["role"] == role and saved["meta"]["dataset"] == "tiny"
         assert saved["epochs_run"] == 2
         assert 0 <= summary["valid"][role]["ndcg@10"] <= 1
         # the fingerprints of what it was trained from
@@ -107,7 +107,7 @@ def files_overrides(tmp_path) -> list[str]:
     raw_domain_files(stage_config("pretrain", tiny_overrides(tmp_path)).dataset)
     domains = ",".join(f"{{name:S{d},file:S{d}.inter}}" for d in (1, 2, 3))
     shared = [o for o in tiny_overrides(tmp_path) if not o.startswith(("dataset=", "dataset.generator."))]
-    return [*shared, "dataset=BEST", f"dataset.raw_dir={tmp_path}/raw", f"dataset.domains=[{domains}]"]
+    return [*shared, "dataset=BEST", "dataset.name=tiny", f"dataset.raw_dir={tmp_path}/raw", f"dataset.domains=[{domains}]"]
 
 
 def swap_first_and_last_timestamp(path) -> None:
@@ -126,11 +126,11 @@ def test_raw_file_edited_in_place_re_prepares_and_stale_checkpoints_are_refused(
     overrides = ["stage=run", "seed=2025", "epochs=1", "trainer.expert.epochs=1", *files_overrides(tmp_path)]
     cfg = stage_config("pretrain", overrides)
     run_pretrain(cfg)
-    train = tmp_path / "data" / "TINY" / "TINY.full.train.inter"
+    train = tmp_path / "data" / "tiny" / "tiny.full.train.inter"
     before = train.read_text()
     swap_first_and_last_timestamp(tmp_path / "raw" / "S1.inter")
-    with pytest.raises(ValueError, match=r"SASRec-TINY-2025\.full\.ckpt: made from inputs that have changed since "
-                                         r"\(full\.train was .*TINY\.full\.train\.inter with sha256 \w+, is now"):
+    with pytest.raises(ValueError, match=r"SASRec-tiny-2025\.full\.ckpt: made from inputs that have changed since "
+                                         r"\(full\.train was .*tiny\.full\.train\.inter with sha256 \w+, is now"):
         run_pretrain(stage_config("pretrain", overrides))
     # the edit re-prepared the data: same sizes, other rows
     assert train.read_text() != before and len(train.read_text()) == len(before)
@@ -143,7 +143,7 @@ def test_moved_raw_files_are_not_prepared_again(tmp_path):
     overrides = files_overrides(tmp_path)
     cfg = stage_config("prepare", [o for o in overrides if o.startswith(("dataset", "data_path"))])
     prepare_dataset(cfg.dataset, cfg.data_path, progress=False)
-    manifest = tmp_path / "data" / "TINY" / "manifest.json"
+    manifest = tmp_path / "data" / "tiny" / "manifest.json"
     stamp = manifest.stat().st_mtime_ns
     (tmp_path / "raw").rename(tmp_path / "moved")
     moved = stage_config("prepare", [o for o in overrides if o.startswith(("dataset", "data_path"))]
@@ -167,7 +167,7 @@ def test_moved_raw_files_are_not_prepared_again(tmp_path):
         ("decoder.n_heads=3", r"hidden_size 16 is not a multiple of n_heads 3"),
         ("topk=[0,10]", "config key 'topk' must list positive cut-offs"),
         ("target_dom=dom9", r"unknown domain 'dom9': this dataset has dom1, dom2, dom3"),
-        ("domains=5", "config key 'domains' is 5 but dataset TINY has 3 domains"),
+        ("domains=5", "config key 'domains' is 5 but dataset tiny has 3 domains"),
         ("expert.loss=mse", r"config key 'expert\.loss' is 'mse'; expected one of dsp, next_item"),
         ("decoder.name=GRU4Rec", r"config key 'decoder\.name' is 'GRU4Rec': the Taesar decoder"),
     ],
@@ -211,7 +211,7 @@ def test_torchrun_trains_data_parallel_and_its_evaluation_is_one_processs(tmp_pa
     assert "data-parallel rank 1 of 2" in done.stdout
     assert (tmp_path / "hydra" / "metrics.json").is_file() and not (tmp_path / "hydra-rank1" / "metrics.json").exists()
     cfg = stage_config("pretrain", overrides[:-1])
-    dataset = PreparedDataset(tmp_path / "data", "TINY")
+    dataset = PreparedDataset(tmp_path / "data", "tiny")
     checkpoints = json.loads((tmp_path / "hydra" / "metrics.json").read_text())["checkpoints"]
     saved = load_checkpoint(next((tmp_path / "checkpoint").rglob("*.full.ckpt")))
     model = TaesarDecoder(decoder_config(cfg, dataset.domains.n_items))

@@ -21,12 +21,12 @@ def test_report_on_tiny_data_is_complete_and_resumable(tmp_path):
     overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith(("dataset=", "run_dir"))]
     overrides += ["trainer.base.epochs=2", "trainer.expert.epochs=1", "trainer.finetune.epochs=1",
                   *(f"finetune:{o}" for o in TINY_MODEL)]
-    argv = ["--dataset", "synthetic", "--seeds", "2025", "--domains", "dom1", "--backbones", "SASRec",
+    argv = ["--dataset", "tiny", "--seeds", "2025", "--domains", "dom1", "--backbones", "SASRec",
             "--baselines", "--parts", "table2", "selectivity", "--base-epochs", "1", "--expert-epochs", "1",
             "--out", str(tmp_path / "report"), "--", *overrides]
     text = main(argv)
     out = tmp_path / "report"
-    assert "## Table 2" in text and "| TINY | SASRec4 | full |" in text and "new (taesar)" in text
+    assert "## Table 2" in text and "| tiny | SASRec4 | full |" in text and "new (taesar)" in text
     assert ("| target | SASRec sim (n=1) | SASRec4 (full) (n=1) | SASRec4 (full, mixed history) (n=1) | "
             "Taesar (new) (n=1) |") in text  # the headline table
     wall_time = text.split("## Wall time")[1].split("##")[0]
@@ -61,7 +61,7 @@ def test_report_on_tiny_data_is_complete_and_resumable(tmp_path):
     # collect-only with more seeds: the missing seed's runs are not made, the table has what exists
     collected = main([*argv[:3], "2025", "2026", *argv[4:-len(overrides) - 1], "--collect-only", "--",
                       *overrides])
-    assert "| TINY | SASRec | new (taesar) |" in collected
+    assert "| tiny | SASRec | new (taesar) |" in collected
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.jsonl")} == stamps
 
 
@@ -92,7 +92,7 @@ def test_report_continued_elsewhere_rebuilds_the_artifacts_a_missing_run_needs(t
     overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith(("dataset=", "run_dir"))]
     overrides += ["trainer.base.epochs=2", "trainer.expert.epochs=1", "trainer.finetune.epochs=1",
                   *(f"finetune:{o}" for o in TINY_MODEL)]
-    argv = ["--dataset", "synthetic", "--seeds", "2025", "--domains", "dom1", "--backbones", "SASRec",
+    argv = ["--dataset", "tiny", "--seeds", "2025", "--domains", "dom1", "--backbones", "SASRec",
             "--baselines", "--parts", "table2", "--out", str(tmp_path / "report"), "--", *overrides]
     main(argv)
     store = RunStore(tmp_path / "report" / "runs")
@@ -137,7 +137,7 @@ def test_report_waits_for_another_job_training_the_same_checkpoint(tmp_path, cap
 
     overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith(("dataset=", "run_dir"))]
     overrides += ["trainer.base.epochs=1", "trainer.expert.epochs=1"]
-    base = stage1_paths(stage_config("pretrain", ["dataset=synthetic", *overrides, "seed=2025"])).base
+    base = stage1_paths(stage_config("pretrain", ["dataset=tiny", *overrides, "seed=2025"])).base
     held, waiting = threading.Event(), threading.Event()
 
     class Watch(logging.Handler):
@@ -157,7 +157,7 @@ def test_report_waits_for_another_job_training_the_same_checkpoint(tmp_path, cap
         with caplog.at_level(logging.INFO, logger="analysis.run_store"):
             holder.start()
             held.wait(timeout=60)  # the other job holds the lock before the report starts
-            metrics = Report("synthetic", tmp_path / "report", overrides).call("pretrain", ["seed=2025"],
+            metrics = Report("tiny", tmp_path / "report", overrides).call("pretrain", ["seed=2025"],
                                                                              tmp_path / "run")
         holder.join()
     finally:
@@ -179,7 +179,7 @@ def test_a_recorded_run_is_reused_only_with_the_settings_it_was_made_with(tmp_pa
     overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith(("dataset=", "run_dir"))]
     overrides += ["trainer.base.epochs=2", "trainer.expert.epochs=1", "trainer.finetune.epochs=1",
                   *(f"finetune:{o}" for o in TINY_MODEL)]
-    argv = ["--dataset", "synthetic", "--seeds", "2025", "--domains", "dom1", "--backbones", "SASRec",
+    argv = ["--dataset", "tiny", "--seeds", "2025", "--domains", "dom1", "--backbones", "SASRec",
             "--baselines", "--parts", "table2", "--out", str(tmp_path / "report"), "--", *overrides]
     text = main(argv)
     assert f"command `{shlex.join(['python', '-m', 'analysis.report', *argv])}`" in text

@@ -11,12 +11,12 @@ def test_a_stage_never_logs_into_the_open_run_of_one_that_failed_before_it(tmp_p
     run (the report calls a busy stage again): the second gets a run of its own, in its own folder."""
     def config(seed):
         return OmegaConf.create({"logger": {"mode": "offline", "project": "taesar-test", "entity": None},
-                                 "dataset": {"name": "TINY"}, "seed": seed})
+                                 "dataset": {"name": "tiny"}, "seed": seed})
 
     failed = RunLogger(config(1), tmp_path / "first", job="pretrain")  # never finished
     second = RunLogger(config(2), tmp_path / "second", job="pretrain")
     try:
-        assert second.run.id != failed.run.id and second.run.name == "pretrain-TINY-2"
+        assert second.run.id != failed.run.id and second.run.name == "pretrain-tiny-2"
         assert second.run.config["seed"] == 2 and str(tmp_path / "second") in second.run.dir
     finally:
         second.finish({})
@@ -45,7 +45,7 @@ sys.addaudithook(hook)
 from omegaconf import OmegaConf
 from pipeline.runs import RunLogger
 cfg = OmegaConf.create({{"logger": {{"mode": "offline", "project": "p", "entity": None}},
-                        "dataset": {{"name": "TINY"}}, "seed": 1}})
+                        "dataset": {{"name": "tiny"}}, "seed": 1}})
 logger = RunLogger(cfg, __import__("pathlib").Path({str(tmp_path)!r}), job="pretrain")
 logger.log({{"loss": 1.0}})
 logger.finish({{"loss": 1.0}})

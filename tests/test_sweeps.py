@@ -58,7 +58,7 @@ def test_official_pretrain_command_as_a_multirun(tmp_path):
     jobs = sorted(p.parent.name for p in (tmp_path / "multirun").glob("*/metrics.json"))
     assert len(jobs) == 2 and all(len(job) <= 130 and "/" not in job for job in jobs)
     for seed in (2025, 2026):
-        assert list((tmp_path / "checkpoint").rglob(f"SASRec-TINY-{seed}.dom3.ckpt"))
+        assert list((tmp_path / "checkpoint").rglob(f"SASRec-tiny-{seed}.dom3.ckpt"))
     metrics = json.loads(next((tmp_path / "multirun").glob("*/metrics.json")).read_text())
     assert set(metrics["valid"]) == {"full", "dom1", "dom2", "dom3"}
 
@@ -76,7 +76,7 @@ def test_official_decoding_command_after_pretraining(tmp_path):
         )
         assert result.returncode == 0, result.stderr[-3000:]
     for dom in ("dom1", "dom3"):
-        assert len(list((tmp_path / "regenerated" / "TINY").glob(f"taesar-*/TINY.2025.{dom}.train.inter"))) == 1
+        assert len(list((tmp_path / "regenerated" / "tiny").glob(f"taesar-*/tiny.2025.{dom}.train.inter"))) == 1
     assert len(list((tmp_path / "decoding.py").rglob("metrics.json"))) == 2
     # dom2 was not decoded: finetune.py says which command makes its file, with the user's own
     # overrides except the ones only Stage III reads
@@ -89,5 +89,5 @@ def test_official_decoding_command_after_pretraining(tmp_path):
     command = result.stderr.split("run `", 1)[1].split("`", 1)[0]
     assert command.startswith("python decoding.py target_dom=dom2 seed=2025 ")
     tokens = command.split()
-    assert "trainer.base.epochs=1" in tokens and "dataset.name=TINY" in tokens
+    assert "trainer.base.epochs=1" in tokens and {"dataset=tiny", "debug=tiny"} <= set(tokens)
     assert not any(t.startswith(("train_type=", "model.", "epochs=", "stage=")) for t in tokens)
