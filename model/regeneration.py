@@ -142,13 +142,13 @@ def decode_rows(
         next_domain = domain_table[items[:, 1:]]  # (B, W - 1): domain of the item each position predicts
         row, position = (next_domain != 0).nonzero(as_tuple=True)  # (P,) every position with a next item
         source = next_domain[row, position]  # (P,) the domain of each next item
-        needed = [d for d, wanted in decided_at.items() if wanted and bool((source == d).any())]
+        at_source = {d: (source == d).nonzero().squeeze(1) for d, wanted in decided_at.items() if wanted}
+        needed = [d for d, at_d in at_source.items() if len(at_d)]  # source domains with positions to decide
         if needed:
             states = [model.encode(items)[row, position] for model in models]  # (P, H) each
             flat = window_start[first_row + row.cpu().numpy()] + position.cpu().numpy() + 1
         for d in needed:
-            wanted = decided_at[d]
-            at_d = (source == d).nonzero().squeeze(1)
+            wanted, at_d = decided_at[d], at_source[d]
             for start in range(0, len(at_d), chunk):
                 at = at_d[start:start + chunk]
                 z_mix, z_source = logits(base, states[0][at], 0), logits(experts[d], states[d][at], 1)
