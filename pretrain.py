@@ -53,8 +53,8 @@ def _run_pretrain(cfg: DictConfig, world: World) -> dict:
     model_config = decoder_config(cfg, domains.n_items)
     variant = expert_variant(cfg)
     paths = stage1_paths(cfg)
-    if world.is_main:
-        paths.write_settings()
+    run.write_settings(paths.base_dir, paths.base_settings)
+    run.write_settings(paths.expert_dir, paths.expert_settings)
     run.open_logger()
     log.info("Stage I on %s (%d items, %d domains), variant %s, device %s%s; checkpoints in %s",
              dataset.name, domains.n_items, domains.n_domains, variant, device,

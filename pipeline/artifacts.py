@@ -126,10 +126,6 @@ class Stage1Paths:
     def expert(self, dom: str) -> Path:
         return self.expert_dir / f"{self.stem}.{dom}.ckpt"
 
-    def write_settings(self) -> None:
-        write_settings(self.base_dir, self.base_settings)
-        write_settings(self.expert_dir, self.expert_settings)
-
     def role(self, role: str) -> Path:
         """`full` (the base model) or `dom{d}` (an expert)."""
         return self.base if role == "full" else self.expert(role)

@@ -18,7 +18,7 @@ from finetune import run_finetune
 from model.contrastive import DecodingRule
 from model.regeneration import regenerate
 from pretrain import run_pretrain
-from pipeline.artifacts import decoding_inputs, regenerated, stage1_paths
+from pipeline.artifacts import decoding_inputs, regenerated, stage1_paths, write_settings
 from pipeline.settings import decoding_rule
 from tests.conftest import stage_config, tiny_overrides
 from tests.helpers import fork_dataset
@@ -144,7 +144,8 @@ def test_missing_checkpoints_stop_before_writing(tmp_path):
 
 def copy_stage1(source_cfg, target_cfg) -> None:
     source, target = stage1_paths(source_cfg), stage1_paths(target_cfg)
-    target.write_settings()
+    write_settings(target.base_dir, target.base_settings)
+    write_settings(target.expert_dir, target.expert_settings)
     for role in ("full", "dom1", "dom2", "dom3"):
         target.role(role).write_bytes(source.role(role).read_bytes())
 
