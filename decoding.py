@@ -32,11 +32,11 @@ from model.regeneration import decode_rows, regenerations
 from pipeline.artifacts import (
     ALL_DOMAINS, checkpoint_meta, decoding_inputs, regenerated, stage1_checkpoints, stage1_inputs, stage1_paths,
 )
+from checkpoints import check_meta, load_checkpoint
 from core.distributed import World, barrier, gather_arrays, process_group
 from pipeline.runs import seed_everything, user_errors
 from pipeline.settings import decoder_config, decoding_rule, stage_settings, variant_name
 from pipeline.stage_run import StageRun
-from checkpoints import check_meta, load_checkpoint
 
 log = logging.getLogger(__name__)
 

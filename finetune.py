@@ -22,16 +22,16 @@ import logging
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from backbones.registry import build_backbone
+from core.distributed import World, process_group
 from data import SequenceLoader, read_inter
 from data.fingerprints import fingerprint
 from data.paths import project_path
-from backbones.registry import build_backbone
+from evaluation import Evaluation, evaluate
 from pipeline.artifacts import decoding_inputs, finetune_checkpoint, missing_regenerated, regenerated, training_source
-from core.distributed import World, process_group
 from pipeline.runs import seed_everything, user_errors
 from pipeline.settings import rerun_command, stage_settings, train_config, variant_name
 from pipeline.stage_run import StageRun
-from evaluation import Evaluation, evaluate
 from trainer import fit
 
 log = logging.getLogger(__name__)

@@ -21,16 +21,16 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from checkpoints import load_checkpoint
+from core.distributed import World, process_group
 from data import SequenceLoader
+from evaluation import Evaluation
 from model.decoder import TaesarDecoder
 from model.objectives import domain_specific_objective, next_item_objective, target_scores
 from pipeline.artifacts import checkpoint_meta, stage1_inputs, stage1_paths
-from core.distributed import World, process_group
 from pipeline.runs import user_errors
 from pipeline.settings import decoder_config, expert_variant, stage_settings, train_config
 from pipeline.stage_run import StageRun
-from checkpoints import load_checkpoint
-from evaluation import Evaluation
 from trainer import fit
 
 log = logging.getLogger(__name__)

@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data import SequenceBatch, checked_item_range
 from backbones.base import Backbone
-from model.decoder import DecoderConfig, SASRecConfig, TaesarDecoder
-from model.objectives import LENGTH_GROUPS, next_item_objective, target_scores
 from core.distributed import count_over_ranks
 from core.schema import above, at_least
+from data import SequenceBatch, checked_item_range
+from model.decoder import DecoderConfig, SASRecConfig, TaesarDecoder
+from model.objectives import LENGTH_GROUPS, next_item_objective, target_scores
 
 # the operators, as drawn per row; IDENTITY serves the rows too short to augment
 CROP, MASK, REORDER, IDENTITY = 0, 1, 2, 3

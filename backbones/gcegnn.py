@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data import SequenceBatch, SequenceRows, checked_item_range
 from backbones.base import Backbone
 from core.schema import at_least
+from data import SequenceBatch, SequenceRows, checked_item_range
 
 GLOBAL_WINDOW = 4  # a target is linked to its 4 most recent history items (fixed in RecBole-GNN)
 N_EDGE_TYPES = 4  # 0 self-loop, 1 w_k -> w_{k+1}, 2 w_{k+1} -> w_k, 3 both directions

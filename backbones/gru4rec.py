@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from data import SequenceBatch, checked_item_range
 from backbones.base import Backbone
-from model.objectives import next_item_objective, target_scores
 from core.schema import at_least, check_ranges
+from data import SequenceBatch, checked_item_range
+from model.objectives import next_item_objective, target_scores
 
 
 @dataclass

@@ -13,12 +13,12 @@ import yaml
 from recbole.data.transform import construct_transform
 from torch import nn
 
-from data import SequenceBatch
 from backbones.base import Backbone
-from model.decoder import DecoderConfig, TaesarDecoder
-from model.objectives import next_item_objective, target_scores
 from backbones.recbole_adapter import Vocabulary, recbole_config, to_interaction
 from core.schema import ConfigError, from_config, unknown_key
+from data import SequenceBatch
+from model.decoder import DecoderConfig, TaesarDecoder
+from model.objectives import next_item_objective, target_scores
 
 
 class SASRec(Backbone):

@@ -46,11 +46,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from benchmarks.resources import peak_rss_bytes
 from data import PreparedDataset, SequenceRows, project_path
 from model.contrastive import DecodingRule
 from model.decoder import DecoderConfig, TaesarDecoder
 from model.regeneration import regenerate
-from benchmarks.resources import peak_rss_bytes
 
 
 def random_models(n_items: int, n_domains: int, device) -> tuple[TaesarDecoder, dict[int, TaesarDecoder]]:

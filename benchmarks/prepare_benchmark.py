@@ -23,11 +23,11 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 
+from benchmarks.resources import peak_rss_bytes
 from dataset.amazon_shape import AMAZON_2018
 from dataset.amazon_shape import generate as generate_amazon_shaped
 from dataset.prepare import prepare_files
 from dataset.synthetic import AMAZON_SCALE_RAW, SyntheticConfig, expected_rows, generate_raw
-from benchmarks.resources import peak_rss_bytes
 
 NAME = "BENCH"
 COLUMNS = (

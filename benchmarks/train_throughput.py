@@ -28,11 +28,11 @@ import time
 import torch
 from omegaconf import OmegaConf
 
+from backbones.recbole_adapter import build_recbole_model, to_interaction
 from data import PreparedDataset, SequenceLoader, project_path
 from dataset.prepare import prepare_dataset
 from model.decoder import DecoderConfig, TaesarDecoder
 from model.objectives import next_item_objective
-from backbones.recbole_adapter import build_recbole_model, to_interaction
 
 
 def main() -> None:

@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdsr_baseline.layers import LENGTH_GROUPS, LoRA, SwiGLU, left_align
+from core.schema import above, at_least
 from data import SequenceBatch
 from model.decoder import Block, FastDropout, fast_dropout
-from core.schema import above, at_least
 
 
 @dataclass(kw_only=True)

@@ -30,10 +30,10 @@ from torch import nn
 from cdsr_baseline.inputs import domain_of
 from cdsr_baseline.layers import (BertConfig, Intermediate, bert_blocks, bert_init, binary_loss,
                                   in_length_groups, left_align, sample_excluding)
-from data import SequenceBatch
-from model.decoder import FastDropout, attention_mask
 from core.distributed import summed_over_ranks
 from core.schema import at_least
+from data import SequenceBatch
+from model.decoder import FastDropout, attention_mask
 
 RESERVED = 5  # ids 0..4 of every vocabulary: pad, unknown, eos, sos, mask (the official tokenizer's)
 SHAPLEY_TEMPERATURE = 0.05  # fixed in the official code

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.decoder import Block, FastDropout, dropout_at
 from core.distributed import summed_over_ranks
 from core.schema import at_least
+from model.decoder import Block, FastDropout, dropout_at
 
 BINARY_EPS = 1e-24  # the official copies' guard inside both logs and in the mean's denominator
 

@@ -31,10 +31,10 @@ from torch.utils.checkpoint import checkpoint
 from cdsr_baseline.inputs import domain_of
 from cdsr_baseline.layers import (BertConfig, Intermediate, bert_blocks, bert_init, binary_loss,
                                   in_length_groups, left_align, sample_excluding)
-from data import SequenceBatch
-from model.decoder import FastDropout, attention_mask
 from core.distributed import mean_over_ranks, rows_over_ranks, shared_permutation, summed_over_ranks
 from core.schema import at_least
+from data import SequenceBatch
+from model.decoder import FastDropout, attention_mask
 
 LOSS_SCALE = 1000.0  # the official divisor of the task losses (batch sums)
 

@@ -23,14 +23,14 @@ from omegaconf import DictConfig
 
 from cdsr_baseline.inputs import user_sequences
 from cdsr_baseline.models import build_baseline, resolve_fidelity
-from data import SequenceLoader
-from pipeline.artifacts import baseline_checkpoint, baseline_inputs
 from core.distributed import World, process_group
-from pipeline.runs import seed_everything, user_errors
 from core.schema import ConfigError
+from data import SequenceLoader
+from evaluation import Evaluation, evaluate
+from pipeline.artifacts import baseline_checkpoint, baseline_inputs
+from pipeline.runs import seed_everything, user_errors
 from pipeline.settings import baseline_settings, train_config
 from pipeline.stage_run import StageRun
-from evaluation import Evaluation, evaluate
 from trainer import fit
 
 log = logging.getLogger(__name__)

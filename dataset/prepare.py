@@ -26,11 +26,11 @@ import pyarrow as pa
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from core.schema import describe_differences
 from data.dataset import MANIFEST, split_names
 from data.domains import LETTERS, domain_suffix
 from data.files import DIR_MODE, DataError, exclusive_lock, write_inter, write_item_file, write_text_atomic
 from data.fingerprints import file_digest, stat_key
-from core.schema import describe_differences
 from data.paths import project_path
 from dataset.preprocess import Interactions, align, build_splits, drop_duplicate_rows, sort_and_cut
 from dataset.raw import file_users, read_kept_rows, users_present

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data.domains import checked_item_range
 from core.schema import ConfigError, above, at_least, from_config
+from data.domains import checked_item_range
 
 # The feed-forward activations RecBole's SASRec offers, by its names (gelu: the exact, erf form).
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "swish": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}

@@ -16,10 +16,10 @@ from functools import partial
 
 import torch
 
+from core.distributed import count_over_ranks
 from data import SequenceBatch
 from model.decoder import TaesarDecoder, target_states
 from model.losses import domain_specific_targets, masked_cross_entropy, next_item_targets
-from core.distributed import count_over_ranks
 
 LENGTH_GROUPS = 4
 

@@ -30,12 +30,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from core.schema import ConfigError, describe_differences
 from data import PreparedDataset, SequenceRows
 from data.files import format_inter, write_text_atomic
 from data.fingerprints import StaleArtifactError, check_inputs, file_digest, fingerprint
 from data.paths import project_path
 from dataset.prepare import preparation_settings
-from core.schema import ConfigError, describe_differences
 from pipeline.settings import OFFICIAL_STAGE, decoder_params, expert_variant, train_config, variant_name
 
 log = logging.getLogger(__name__)

@@ -17,9 +17,9 @@ from functools import partial
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from core.schema import ConfigError, from_config
 from data.paths import project_path
 from pipeline.routing import OFFICIAL_KEYS, section_key
-from core.schema import ConfigError, from_config
 from pipeline.schemas import SCHEMAS, BaselineSettings, PrepareSettings
 
 # The pipeline's stages by the name of their script, and the value of the official `stage=` key each

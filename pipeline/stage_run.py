@@ -16,11 +16,11 @@ from typing import Callable
 
 from omegaconf import DictConfig
 
+from checkpoints import check_meta, load_checkpoint, resume_file
+from core.distributed import World
 from dataset.prepare import prepare_dataset
 from pipeline.artifacts import open_dataset, write_settings
-from core.distributed import World
 from pipeline.runs import RunLogger, finish_run, run_folder
-from checkpoints import check_meta, load_checkpoint, resume_file
 from trainer import resumed_seconds
 
 log = logging.getLogger(__name__)

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdsr_baseline.layers import LoRA, SwiGLU, left_align
+from core.schema import above, at_least
 from data import SequenceBatch
 from model.decoder import Block, attention_mask
-from core.schema import above, at_least
 
 
 @dataclass(kw_only=True)

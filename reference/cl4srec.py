@@ -3,8 +3,8 @@ positions only (kept literally, so that tests can check that the new one compute
 gradients)."""
 import torch
 
-from data import SequenceBatch
 from backbones.cl4srec import CL4SRec, nt_xent
+from data import SequenceBatch
 from model.decoder import gather_states
 
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cdsr_baseline.abxi import ABXI, packed_block
 from data import SequenceBatch
 from model.decoder import Block, attend, attention_mask, fast_dropout, keep_mask
-from cdsr_baseline.abxi import ABXI, packed_block
 from reference import abxi as reference_abxi, cgrec as reference_cgrec, syncrec as reference_syncrec
 from tests.test_data_parallel import STARTS, fixed_negatives
 

@@ -17,9 +17,9 @@ from cdsr_baseline.layers import BertConfig, LoRA, bert_blocks, bert_init, binar
 from cdsr_baseline.syncrec import SyNCRec
 from cdsr_baseline.train import run_baseline
 from data import SequenceBatch, SequenceLoader, SequenceRows
+from evaluation import Evaluation
 from pipeline.settings import stage_config
 from tests.conftest import tiny_overrides
-from evaluation import Evaluation
 from trainer import TrainConfig, fit, load_checkpoint
 
 # three domains of five items: A = 1..5, B = 6..10, C = 11..15

@@ -4,8 +4,8 @@ import pytest
 import torch
 from recbole.model.sequential_recommender.sasrec import SASRec
 
-from model.decoder import DecoderConfig, TaesarDecoder, gather_states, target_states
 from backbones.recbole_adapter import build_recbole_model
+from model.decoder import DecoderConfig, TaesarDecoder, gather_states, target_states
 
 N_ITEMS = 30
 CONFIG = DecoderConfig(n_items=N_ITEMS, max_len=16, hidden_size=32, inner_size=48, n_layers=2, n_heads=2)

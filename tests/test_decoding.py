@@ -17,12 +17,12 @@ from decoding import load_stage1, run_decoding
 from finetune import run_finetune
 from model.contrastive import DecodingRule
 from model.regeneration import regenerate
-from pretrain import run_pretrain
 from pipeline.artifacts import decoding_inputs, regenerated, stage1_paths, write_settings
 from pipeline.settings import decoding_rule
+from pretrain import run_pretrain
+from reference.decoder import reference_regenerate
 from tests.conftest import stage_config, tiny_overrides
 from tests.helpers import fork_dataset
-from reference.decoder import reference_regenerate
 
 HEADER = "user_id:token\titem_id_list:token_seq\titem_id:token"
 # Stage I settings key the checkpoint folders: every stage of a pipeline passes the same ones.

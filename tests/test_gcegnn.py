@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from backbones.gcegnn import GCEGNN, global_neighbours, reverse_history, session_graph
 from data import SequenceBatch, SequenceRows
 from data.paths import PROJECT_ROOT
-from backbones.gcegnn import GCEGNN, global_neighbours, reverse_history, session_graph
 
 N_ITEMS = 30
 PARAMS = dict(embedding_size=16, sample_num=12, leakyrelu_alpha=0.2, dropout_local=0.0, dropout_gcn=0.0,

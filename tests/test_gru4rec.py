@@ -9,10 +9,10 @@ import torch.nn.functional as F
 import yaml
 from recbole.model.sequential_recommender.gru4rec import GRU4Rec as RecBoleGRU4Rec
 
-from data import SequenceBatch
-from data.paths import PROJECT_ROOT
 from backbones.gru4rec import GRU4Rec
 from backbones.recbole_adapter import build_recbole_model, to_interaction
+from data import SequenceBatch
+from data.paths import PROJECT_ROOT
 
 N_ITEMS, MAX_LEN = 30, 16
 # D != D_h, so a transposed or swapped weight cannot pass

@@ -11,8 +11,8 @@ import pytest
 from data import DomainRanges, PreparedDataset, split_names
 from dataset.prepare import prepare_files
 from dataset.preprocess import Interactions, drop_duplicate_rows
-from tests.helpers import read_all, write_raw
 from reference.prepare import reference_prepare
+from tests.helpers import read_all, write_raw
 
 # Two domains, thresholds 2/2 and sequences cut to 5, chosen so that every rule
 # of docs/data.md changes the result: an exact duplicate (u9 100 @106), an item and

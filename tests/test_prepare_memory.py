@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from dataset.amazon_shape import AMAZON_2018, generate
 from benchmarks.resources import peak_rss_bytes, rss_bytes
+from dataset.amazon_shape import AMAZON_2018, generate
 
 # The kept rows (about 40% of the raw rows here) cost 28 bytes each while read and 29 in the
 # table; the alignment copies a shrinking table: 44 to 48.5 bytes per raw row measured (the more

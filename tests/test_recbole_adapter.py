@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
+from backbones.recbole_adapter import ITEM, ITEM_SEQ, ITEM_SEQ_LEN, to_interaction
 from data import SequenceLoader, SequenceRows
 from model.decoder import TaesarDecoder
 from model.objectives import target_scores
-from backbones.recbole_adapter import ITEM, ITEM_SEQ, ITEM_SEQ_LEN, to_interaction
 from tests.test_decoder import CONFIG, from_recbole, recbole_sasrec
 
 

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from data import SequenceLoader, SequenceRows
-from model.decoder import DecoderConfig, TaesarDecoder
-from model.objectives import next_item_objective, target_scores
-from data.files import BusyError, exclusive_lock
 from checkpoints import load_checkpoint, lock_file, resume_file
 from core.errors import CheckpointError
+from data import SequenceLoader, SequenceRows
+from data.files import BusyError, exclusive_lock
 from evaluation import Evaluation, evaluate, metric_key
+from model.decoder import DecoderConfig, TaesarDecoder
+from model.objectives import next_item_objective, target_scores
 from trainer import TrainConfig, fit
 
 N_ITEMS = 12
