@@ -44,8 +44,8 @@ def comparisons(runs: dict, backbones, domains, baselines=()) -> list[dict]:
             others += [(baseline, "mixed", baseline) for baseline in baselines]
             for model, train_type, name in others:
                 new, base = ranked(backbone, "new"), ranked(model, train_type)
-                if not new or not base:
-                    continue
+                if not {r["seed"] for r in new} & {r["seed"] for r in base}:
+                    continue  # nothing to pair yet (no run, or runs of other seeds only): no claim
                 c: Comparison = paired_bootstrap(*aligned(new, base))
                 rows.append({"backbone": backbone, "domain": dom, "claim": f"new > {name}", "delta": c.mean,
                              "low": c.low, "high": c.high, "seed_std": c.seed_std, "seeds": c.seeds,

@@ -76,7 +76,8 @@ def test_claims_against_the_baselines_pair_the_same_users():
             ("SASRec", "sim", "dom1", 1): ranks(users, better),
             # another order of the same users: paired by user id (ABXI misses the top 10 for everyone)
             ("ABXI", "mixed", "dom1", 1): ranks(users[::-1], [30] * 10 + [20] * 20)}
-    rows = comparisons(runs, ["SASRec"], ["dom1"], ["ABXI", "CGRec"])  # no full and no CGRec run: no claim
+    runs[("CGRec", "mixed", "dom1", 2)] = ranks(users, better)  # another seed than new's: nothing to pair
+    rows = comparisons(runs, ["SASRec"], ["dom1"], ["ABXI", "CGRec"])  # no full run, no CGRec run of seed 1: no claim
     assert [(r["claim"], r["verdict"]) for r in rows] == [("new > sim", "undecided"), ("new > ABXI", "holds")]
     assert rows[0]["delta"] == 0.0 and abs(rows[1]["delta"] - 2 / 3) < 1e-12  # NDCG 1 against 0 for 20 users
 
