@@ -20,6 +20,12 @@ Parts (`--parts`, all by default):
   (`--base-epochs`, `--expert-epochs`; `es` is early stopping, the default), beside where the
   target expert's own arg-max lies (analysis/selectivity.py).
 
+`--jobs N` makes the runs in N processes at once, each with its share of the cores (its own threads:
+one each on two cores, where two one-thread jobs train 13-38% more rows a second than one job of two
+threads, benchmarks/README.md). Each run is claimed by one job; a job leaves a run another holds
+(or whose Stage I checkpoints another is training) for the end and goes on with the next, and the
+report is written once every job is done. Several invocations with `--jobs` may share one OUT.
+
 Every run goes through the stage functions, which reuse every finished artifact (prepared data,
 checkpoints, regenerated files) and resume an interrupted training. Each run's record (its metrics,
 the resolved config it ran with, its wall time) is a line of the report's store, `OUT/runs/PART.jsonl`
@@ -43,12 +49,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
+import os
 import sys
 from functools import partial
 from pathlib import Path
 
 from analysis.report_writer import MIXED_HISTORY, write_report
 from analysis.run_store import Report
+from core.errors import PAUSED_EXIT_CODE
 from data.paths import project_path
 from pipeline.schemas import TRAIN_TYPES
 
@@ -183,6 +192,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--out", type=Path, default=Path("results/report"))
     parser.add_argument("--collect-only", action="store_true",
                         help="write the report from the runs already recorded in OUT/runs, running nothing")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="processes making the runs at once, each with its share of the cores (default 1)")
     parser.add_argument("--rerun", action="store_true",
                         help="run again the runs recorded in OUT/runs with other settings than this invocation's, "
                              "replacing their records (without it the report stops at the first such run)")
@@ -197,25 +208,75 @@ def main(argv: list[str] | None = None) -> str:
 
 
 def _report(args) -> str:
+    if args.jobs < 1:
+        raise SystemExit(f"error: --jobs must be at least 1, got {args.jobs}")
     out = project_path(args.out)
     args.domains = args.domains or domains_of(args.dataset, args.overrides)
+    if args.jobs > 1 and not args.collect_only:
+        run_jobs(args)  # then every run below is recorded: this process reads them (and makes the figures)
     report = args.report = Report(args.dataset, out, args.overrides, args.collect_only, args.rerun)
-    parts = {}
-    if "table2" in args.parts:
-        parts["table2"] = table2(report, args.seeds, args.domains, args.backbones, args.baselines)
-    if "table3" in args.parts:
-        parts["table3"] = table3(report, args.seeds, args.domains)
-    if "figures" in args.parts:
-        if args.collect_only:
-            parts["figures"] = sorted((out / "figures").glob("*.png"))
-        else:
-            report.pipeline(args.seeds[0])
-            parts["figures"] = figures(report, args.seeds[0], args.domains)
-    if "selectivity" in args.parts:
-        parts["selectivity"] = selectivity(report, args.seeds, args.domains, args.base_epochs, args.expert_epochs)
-    text = write_report(out, args, parts)
+    text = write_report(out, args, plan(report, args, args.parts))
     print(text)
     return text
+
+
+def plan(report: Report, args, parts) -> dict:
+    """Every run of `parts`, made or read through `report`: each part's results."""
+    results = {}
+    if "table2" in parts:
+        results["table2"] = table2(report, args.seeds, args.domains, args.backbones, args.baselines)
+    if "table3" in parts:
+        results["table3"] = table3(report, args.seeds, args.domains)
+    if "figures" in parts:
+        if args.collect_only:
+            results["figures"] = sorted((report.out / "figures").glob("*.png"))
+        else:
+            report.pipeline(args.seeds[0])
+            results["figures"] = figures(report, args.seeds[0], args.domains)
+    if "selectivity" in parts:
+        results["selectivity"] = selectivity(report, args.seeds, args.domains, args.base_epochs, args.expert_epochs)
+    return results
+
+
+def run_jobs(args) -> None:
+    """Every run of the report made by `args.jobs` spawned processes sharing its store (`_job`); exits
+    as the first failed job did, or paused (PAUSED_EXIT_CODE) when one paused and none failed."""
+    context = multiprocessing.get_context("spawn")
+    jobs = [context.Process(target=_job, args=(args, index), name=f"report job {index + 1}")
+            for index in range(args.jobs)]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join()
+    codes = [job.exitcode for job in jobs]
+    failed = [f"job {index + 1} (exit code {code})" for index, code in enumerate(codes) if code not in (0, PAUSED_EXIT_CODE)]
+    if failed:
+        raise SystemExit(f"error: {', '.join(failed)} of {args.jobs} stopped (its message is above); the runs "
+                         "recorded so far are kept: the same command goes on from them")
+    if PAUSED_EXIT_CODE in codes:
+        print(f"paused: {codes.count(PAUSED_EXIT_CODE)} of {args.jobs} jobs paused; run the same command again to "
+              "continue", file=sys.stderr)
+        raise SystemExit(PAUSED_EXIT_CODE)
+
+
+def _job(args, index: int) -> None:
+    """Job `index` of `args.jobs`: the report's runs (not its figures, which need no training), each
+    claimed from the others (analysis.run_store.Report), with the cores shared out unless
+    OMP_NUM_THREADS says otherwise."""
+    import torch
+
+    from pipeline.runs import user_errors
+
+    logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s][job {index + 1}/{args.jobs}][%(name)s]"
+                                                   "[%(levelname)s] - %(message)s")
+    if "OMP_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // args.jobs))
+    with user_errors():
+        report = Report(args.dataset, project_path(args.out), args.overrides, rerun=args.rerun,
+                        job=(index, args.jobs))
+        plan(report, args, [part for part in args.parts if part != "figures"])
+        report.run_deferred()
 
 
 if __name__ == "__main__":

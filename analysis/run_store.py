@@ -3,17 +3,20 @@ pipeline.records.RunStore; each stage's own folder, its logs, in OUT/logs/NAME/)
 there may be used for this invocation (the settings its results depend on must be this invocation's:
 else SettingsMismatch, or `--rerun`), running a stage when it must (waiting for another process that
 trains the same artifact), and rebuilding the Stage I and II artifacts a recorded run needs on a
-machine that lacks them, with a note of whether the rebuild reproduced the record.
+machine that lacks them, with a note of whether the rebuild reproduced the record. Several jobs may
+share one report (`--jobs`): each run is claimed by one of them, and a job leaves what another
+holds for the end instead of waiting for it.
 analysis/report.py plans the study over these runs, analysis/report_writer.py writes it.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from omegaconf import OmegaConf
 
@@ -27,14 +30,28 @@ from pipeline.routing import split
 log = logging.getLogger(__name__)
 
 
+class Deferred(Exception):
+    """Another job of the same report holds what this run needs now; this job takes it up at the end."""
+
+
 class Report:
-    """The runs of one report: where their metrics go, and running each one at most once."""
+    """The runs of one report: where their metrics go, and running each one at most once.
+
+    `job=(index, count)`: this process is one of `count` jobs sharing the report (`--jobs`). A run is
+    then made under its claim, a lock file `OUT/logs/NAME.claim`; while `deferring`, a run whose claim
+    another job holds, or whose inputs (a Stage I checkpoint, a regenerated file) another job is
+    making, is left in `deferred` and the job goes on with the next run, rather than waiting for it.
+    `run_deferred` then takes those up, waiting where they are still held."""
 
     def __init__(self, dataset: str, out: Path, overrides: list[str], collect_only: bool = False,
-                 rerun: bool = False):
+                 rerun: bool = False, job: tuple[int, int] | None = None):
         self.dataset, self.out, self.overrides = dataset, Path(out), list(overrides)
         split(self.overrides)  # a key no stage can take as given stops the report before it runs anything
         self.collect_only, self.rerun = collect_only, rerun
+        self.job, self.deferring = job, job is not None
+        self.deferred: list[tuple[str, Callable[[], object]]] = []  # (name, what takes it up)
+        self._depth = 0  # runs in progress in this process: a run's inputs are runs too (Stage I and II)
+        self._claimed: set[str] = set()  # the runs whose claims this process holds
         self.built: set[tuple[int, str]] = set()  # (seed, Stage I tag) whose artifacts this process made sure of
         self.store, self.logs = RunStore(self.out / "runs"), self.out / "logs"
         adopted = self.store.adopt_folders(self.logs)
@@ -44,11 +61,63 @@ class Report:
 
     def run(self, name: str, stage: str, overrides: list[str], needs: Callable[[], None] | None = None) -> dict | None:
         """The metrics of run `name`, running the stage when the store has no usable record of these
-        settings (with `collect_only`, None instead); `needs` makes its inputs first (only when it runs)."""
-        folder = self.logs / name
+        settings (with `collect_only`, None instead); `needs` makes its inputs first (only when it runs).
+        One of several jobs returns None for a run it defers (see the class)."""
         recorded = self.recorded(name, stage, overrides)
         if recorded is not None or self.collect_only:
             return recorded
+        return self.once(name, lambda: self._run(name, stage, overrides, needs))
+
+    def once(self, name: str, make: Callable[[], object]):
+        """make() (which checks the store again: another job may have just recorded it), under run
+        `name`'s claim when jobs share the report; None when the run is deferred."""
+        if self.job is None:
+            return make()
+        outermost = self._depth == 0
+        self._depth += 1
+        try:
+            with self._claim(name):
+                return make()
+        except Deferred as deferred:
+            if not outermost:  # the inputs of a run: the run itself waits
+                raise
+            log.info("%s: left for later (%s)", name, deferred)
+            self.deferred.append((name, make))
+            return None
+        finally:
+            self._depth -= 1
+
+    @contextlib.contextmanager
+    def _claim(self, name: str) -> Iterator[None]:
+        if name in self._claimed:  # a run among its own inputs (Stage II in the selectivity study)
+            yield
+            return
+        held = contextlib.ExitStack()
+        try:
+            held.enter_context(exclusive_lock(self.logs / f"{name}.claim", wait=not self.deferring,
+                                              what="another job of this report runs it"))
+        except BusyError as busy:
+            raise Deferred(str(busy)) from None
+        with held:
+            self._claimed.add(name)
+            try:
+                yield
+            finally:
+                self._claimed.discard(name)
+
+    def run_deferred(self) -> None:
+        """Take up the runs this job deferred, now waiting for whatever another job holds."""
+        self.deferring = False
+        deferred, self.deferred = self.deferred, []
+        for name, make in deferred:
+            log.info("%s: taken up again", name)
+            self.once(name, make)
+
+    def _run(self, name: str, stage: str, overrides: list[str], needs: Callable[[], None] | None) -> dict | None:
+        recorded = self.recorded(name, stage, overrides)
+        if recorded is not None:  # another job recorded it meanwhile
+            return recorded
+        folder = self.logs / name
         if needs is not None:
             needs()
             recorded = self.recorded(name, stage, overrides)
@@ -63,6 +132,8 @@ class Report:
         timing = {"seconds": time.perf_counter() - started + resumed_seconds() - earlier, "machine": machine()}
         if resumed_seconds() > earlier:
             timing["resumed_seconds"] = resumed_seconds() - earlier
+        if self.job is not None:
+            timing["job"] = f"{self.job[0] + 1} of {self.job[1]}"
         config = OmegaConf.to_container(OmegaConf.load(folder / CONFIG_FILE), resolve=False)
         self.store.replace(name, metrics=metrics, config=config, seconds=timing)
         return metrics
@@ -116,8 +187,11 @@ class Report:
             try:
                 return runner(cfg)
             except BusyError as busy:
-                # Another job (a second report building the same table) trains this artifact now: wait
-                # for it, then call again, which reuses what it made (or resumes it, had it died).
+                # Another job (a second report building the same table) trains this artifact now: leave
+                # the run for later (--jobs), or wait for it, then call again, which reuses what it made
+                # (or resumes it, had it died).
+                if self.deferring:
+                    raise Deferred(str(busy)) from None
                 log.info("%s; waiting for it to finish, then reusing what it made", busy)
                 with exclusive_lock(busy.path):
                     pass
@@ -129,29 +203,42 @@ class Report:
         run of other settings (SettingsMismatch, or made again with `rerun`)."""
         from pipeline.artifacts import settings_key
 
-        where = f"{self.store.file(name)} ({name})"
         cfg = self.config("decoding", [f"seed={seed}", "target_dom=all", *stage1], self.logs / name)
         key = settings_key(result_settings("pretrain", cfg))
+        kept = self._kept_probe(name, key)
+        if kept is not None or self.collect_only:
+            return kept
+
+        def make():
+            kept = self._kept_probe(name, key)  # another job may have just made it
+            return kept if kept is not None else self._make_probe(name, seed, stage1, cfg, key)
+
+        return self.once(name, make)
+
+    def _kept_probe(self, name: str, key: str) -> dict | None:
+        """The stored probe `name` of the Stage I settings `key`; None when there is none to use."""
+        where = f"{self.store.file(name)} ({name})"
         cached = (self.store.get(name) or {}).get("probe")
-        if cached is not None:
-            try:
-                recorded_key, targets = cached["stage1"], cached["targets"]
-            except (KeyError, TypeError) as error:
-                log.warning("%s: not a probe record (%s); %s", where, error,
-                            "left out" if self.collect_only else "probing again")
-            else:
-                if recorded_key == key:
-                    return targets
-                if self.collect_only or not self.rerun:
-                    raise SettingsMismatch(f"{where}: probed Stage I settings {recorded_key}, this invocation's are "
-                                           f"{key}; write this report to another --out, or pass --rerun")
-        if self.collect_only:
+        if cached is None:
             return None
+        try:
+            recorded_key, targets = cached["stage1"], cached["targets"]
+        except (KeyError, TypeError) as error:
+            log.warning("%s: not a probe record (%s); %s", where, error, "left out" if self.collect_only else "probing again")
+            return None
+        if recorded_key == key:
+            return targets
+        if self.collect_only or not self.rerun:
+            raise SettingsMismatch(f"{where}: probed Stage I settings {recorded_key}, this invocation's are "
+                                   f"{key}; write this report to another --out, or pass --rerun")
+        return None
+
+    def _make_probe(self, name: str, seed: int, stage1: list[str], cfg, key: str) -> dict:
         self.pipeline(seed, stage1)
         from analysis.selectivity import expert_argmax_in_target
+        from core.distributed import World
         from decoding import load_stage1
         from pipeline.artifacts import open_dataset
-        from core.distributed import World
 
         dataset = open_dataset(cfg)
         device = World().device(cfg.gpu_id)
