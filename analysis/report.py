@@ -251,7 +251,7 @@ def run_jobs(args) -> None:
     codes = [job.exitcode for job in jobs]
     failed = [f"job {index + 1} (exit code {code})" for index, code in enumerate(codes) if code not in (0, PAUSED_EXIT_CODE)]
     if failed:
-        raise SystemExit(f"error: {', '.join(failed)} of {args.jobs} stopped (its message is above); the runs "
+        raise SystemExit(f"error: {', '.join(failed)} of {args.jobs} stopped (see above); the runs "
                          "recorded so far are kept: the same command goes on from them")
     if PAUSED_EXIT_CODE in codes:
         print(f"paused: {codes.count(PAUSED_EXIT_CODE)} of {args.jobs} jobs paused; run the same command again to "

@@ -57,9 +57,13 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
     nothing checked (`stage_config` is the config a stage runs with)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.errors import HydraException
 
     with initialize_config_dir(config_dir=str(project_path("config")), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=overrides)
+        try:
+            return hydra_compose(config_name=config_name, overrides=overrides)
+        except HydraException as error:  # an unknown key or group option, a malformed override
+            raise ConfigError(f"config/{config_name}.yaml: {str(error).strip()}") from None
 
 
 def stage_config(stage: str, overrides: list[str]) -> DictConfig:
@@ -67,9 +71,6 @@ def stage_config(stage: str, overrides: list[str]) -> DictConfig:
     analyses, benchmarks, tests): composed, then checked as the stage's script checks it
     (`STAGE_CHECKS`), so that the artifact locations computed from it are the stage's own."""
     return STAGE_CHECKS[stage](compose(stage, overrides))
-
-
-
 
 
 def check_stage(cfg: DictConfig, stage: str) -> None:

@@ -12,6 +12,7 @@ from data.fingerprints import file_digest
 from data.paths import PROJECT_ROOT
 from dataset.prepare import prepare_dataset, prepare_files
 from dataset.raw import file_users, read_kept_rows
+from core.errors import ConfigError
 from pipeline.settings import stage_config
 from tests.helpers import RAW_HEADER, write_raw
 from tests.test_prepare import DOM1, DOM2, SETTINGS
@@ -250,3 +251,12 @@ def test_stage_commands_end_with_the_message_not_a_traceback(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().endswith("error: config key 'seed' must be an integer, got 'abc'")
     assert "Traceback" not in result.stderr
+
+
+def test_an_override_no_config_has_is_named_not_a_traceback():
+    """Outside Hydra's own command line (the report, the analyses) an override that cannot apply is a
+    user error naming the config and the key."""
+    with pytest.raises(ConfigError, match=r"config/finetune\.yaml: Could not override 'model\.inner_size'"):
+        stage_config("finetune", ["model_name=GRU4Rec", "model.inner_size=16"])
+    with pytest.raises(ConfigError, match=r"config/pretrain\.yaml: .*dataset/nosuchdataset"):
+        stage_config("pretrain", ["dataset=nosuchdataset"])
