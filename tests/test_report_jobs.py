@@ -109,3 +109,27 @@ def test_jobs_share_the_runs_of_a_report_each_made_once(tmp_path):
 def test_jobs_must_be_positive(tmp_path):
     with pytest.raises(SystemExit, match="--jobs must be at least 1, got 0"):
         main(["--jobs", "0", "--dataset", "tiny", "--out", str(tmp_path / "report")])
+
+
+def test_jobs_pause_alike_under_a_time_limit_and_the_same_command_goes_on(tmp_path, monkeypatch, capfd):
+    """TAESAR_TIME_LIMIT=0: each job pauses its training after one epoch; the report exits with 75
+    once both have stopped, and the same command, without the limit, finishes every run."""
+    from core.errors import PAUSED_EXIT_CODE
+
+    overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith(("dataset=", "run_dir"))]
+    overrides += ["trainer.base.epochs=1", "trainer.expert.epochs=1", "trainer.finetune.epochs=2",
+                  "trainer.finetune.stopping_step=0", *(f"finetune:{o}" for o in TINY_MODEL)]
+    argv = ["--jobs", "2", "--dataset", "tiny", "--seeds", "2025", "--domains", "dom1", "--backbones", "SASRec",
+            "--baselines", "--parts", "table2", "--out", str(tmp_path / "report"), "--", *overrides]
+    monkeypatch.setenv("TAESAR_TIME_LIMIT", "0")
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == PAUSED_EXIT_CODE
+    err = capfd.readouterr().err
+    assert "paused after epoch 0 of at most 2" in err and "of 2 jobs paused; run the same command again" in err
+    store = RunStore(tmp_path / "report" / "runs")
+    assert not [r for r in store.records() if r["name"].startswith("table2/")]  # each job paused its first
+    monkeypatch.delenv("TAESAR_TIME_LIMIT")
+    main(argv)
+    # sim, full, new and full with mixed histories, each trained in two parts
+    assert len([r for r in store.records() if r["name"].startswith("table2/")]) == 4
