@@ -260,9 +260,9 @@ def run_jobs(args) -> None:
 
 
 def _job(args, index: int) -> None:
-    """Job `index` of `args.jobs`: the report's runs (not its figures, which need no training), each
-    claimed from the others (analysis.run_store.Report), with the cores shared out unless
-    OMP_NUM_THREADS says otherwise."""
+    """Job `index` of `args.jobs`: the report's runs, each claimed from the others
+    (analysis.run_store.Report), with the cores shared out unless OMP_NUM_THREADS says otherwise. The
+    figures are drawn afterwards by the command's own process."""
     import torch
 
     from pipeline.runs import user_errors
