@@ -67,6 +67,7 @@ PARTS = ("table2", "table3", "figures", "selectivity")
 BACKBONES = ("SASRec", "GRU4Rec", "CL4SRec", "GCEGNN")
 BASELINES = ("ABXI", "CGRec", "SyNCRec")
 SEEDS = (2025, 2026, 2027)
+LOG_FORMAT = "[%(asctime)s]{job}[%(name)s][%(levelname)s] - %(message)s"  # {job}: which of --jobs logs it
 
 
 def domains_of(dataset: str, overrides: list[str]) -> list[str]:
@@ -179,7 +180,7 @@ def figures(report: Report, seed: int, domains: list[str]) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> str:
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT.format(job=""))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="ACDT")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
@@ -267,8 +268,7 @@ def _job(args, index: int) -> None:
 
     from pipeline.runs import user_errors
 
-    logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s][job {index + 1}/{args.jobs}][%(name)s]"
-                                                   "[%(levelname)s] - %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT.format(job=f"[job {index + 1}/{args.jobs}]"))
     if "OMP_NUM_THREADS" not in os.environ:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         torch.set_num_threads(max(1, cores // args.jobs))

@@ -69,8 +69,8 @@ class Report:
         return self.once(name, lambda: self._run(name, stage, overrides, needs))
 
     def once(self, name: str, make: Callable[[], object]):
-        """make() (which checks the store again: another job may have just recorded it), under run
-        `name`'s claim when jobs share the report; None when the run is deferred."""
+        """make() (which, under jobs, checks the store again: another job may have just recorded it),
+        under run `name`'s claim when jobs share the report; None when the run is deferred."""
         if self.job is None:
             return make()
         outermost = self._depth == 0
@@ -114,9 +114,10 @@ class Report:
             self.once(name, make)
 
     def _run(self, name: str, stage: str, overrides: list[str], needs: Callable[[], None] | None) -> dict | None:
-        recorded = self.recorded(name, stage, overrides)
-        if recorded is not None:  # another job recorded it meanwhile
-            return recorded
+        if self.job is not None:  # another job may have recorded it since run() looked
+            recorded = self.recorded(name, stage, overrides)
+            if recorded is not None:
+                return recorded
         folder = self.logs / name
         if needs is not None:
             needs()
