@@ -220,19 +220,38 @@ class Block(nn.Module):
         return self.ln_ffn(x + dropout_at(self.feed_forward(x), at, shape, self.dropout.p, self.training,
                                           self.fast_dropout))
 
-    def forward_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """(B, L, H) inputs, (B,) positions -> (B, H): the causal block's output at one position of each
-        row, `forward(x)[b, positions[b]]`, without the other positions' queries and feed-forward.
-        (Dropout draws only for what is computed: the same distribution, another stream.)"""
+    def forward_at(self, x: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, H) inputs, (P,) positions of the rows `rows` (default: one position per row, rows
+        0..B-1) -> (P, H): the causal block's output there, `forward(x)[rows, positions]`, with the
+        queries, their attention and the feed-forward computed at those positions only (the keys and
+        values at every position). Dropout draws only for what is computed: the same distribution,
+        another stream than `forward`'s; one position per row draws as it always has."""
         B, L, H = x.shape
         nh, hs = self.n_heads, H // self.n_heads
-        here = gather_states(x, positions)  # (B, H)
-        q = F.linear(here, self.qkv.weight[:H], self.qkv.bias[:H]).view(B, nh, 1, hs)
+        if rows is None:
+            rows = torch.arange(B, device=x.device)
+        if not len(rows):
+            return x.new_zeros(0, H)
+        if not bool(((positions >= 0) & (positions < L)).all()):
+            # fancy indexing would wrap a negative position around to the last, padded, one
+            raise ValueError(f"positions must lie in [0, {L}), got {positions.min().item()}..{positions.max().item()}")
+        here = x[rows, positions]  # (P, H)
+        # Each row's queries go to its slots 0..Q-1 (in the order given), so that one batched
+        # attention serves them; a slot left empty attends to the row's first key and is dropped.
+        counts = torch.bincount(rows, minlength=B)
+        by_row = torch.argsort(rows, stable=True)
+        slots = torch.empty_like(rows)
+        slots[by_row] = torch.arange(len(rows), device=x.device) - (counts.cumsum(0) - counts)[rows[by_row]]
+        Q = int(counts.max())
+        q = x.new_zeros(B, Q, H).index_put_((rows, slots), F.linear(here, self.qkv.weight[:H], self.qkv.bias[:H]))
         k, v = (t.view(B, L, nh, hs).transpose(1, 2)
                 for t in F.linear(x, self.qkv.weight[H:], self.qkv.bias[H:]).split(H, dim=2))
-        later = (torch.arange(L, device=x.device) > positions[:, None])[:, None, None]  # (B, 1, 1, L) barred keys
-        y = self._attend(q, k, v, torch.zeros(later.shape, device=x.device).masked_fill(later, float("-inf")))
-        here = self.ln_attn(here + self.dropout(self.attn_out(y.reshape(B, H))))
+        last_key = torch.zeros(B, Q, dtype=positions.dtype, device=x.device).index_put_((rows, slots), positions)
+        later = (torch.arange(L, device=x.device) > last_key[..., None])[:, None]  # (B, 1, Q, L) barred keys
+        y = self._attend(q.view(B, Q, nh, hs).transpose(1, 2), k, v,
+                         torch.zeros(later.shape, device=x.device).masked_fill(later, float("-inf")))
+        y = y.transpose(1, 2)[rows, slots].reshape(len(rows), H)  # (P, H)
+        here = self.ln_attn(here + self.dropout(self.attn_out(y)))
         return self.ln_ffn(here + self.dropout(self.feed_forward(here)))
 
 
@@ -313,11 +332,11 @@ class TaesarDecoder(nn.Module):
             x = block(x)
         return x
 
-    def states_at(self, items: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """(B, L) right-padded item ids, (B,) positions -> (B, H): `encode(items)[b, positions[b]]`, the
-        last block computed at those positions only."""
+    def states_at(self, items: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) right-padded item ids, (P,) positions of the rows `rows` (default: one per row) ->
+        (P, H): `encode(items)[rows, positions]`, the last block computed at those positions only."""
         x = self.encode(items, last_block=False)
-        return self.blocks[-1].forward_at(x, positions)
+        return self.blocks[-1].forward_at(x, positions, rows)
 
     def logits(self, hidden: torch.Tensor, item_range: tuple[int, int] | None = None,
                out: torch.Tensor | None = None) -> torch.Tensor:

@@ -232,6 +232,27 @@ def test_a_block_at_one_position_is_the_block_there(fast):
     assert not torch.allclose(noisy, block.eval().forward_at(x, positions))  # dropout is on in training
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_block_at_any_positions_is_the_block_there(fast):
+    """Several positions per row, rows out of order, a row with none, one repeated position."""
+    from model.decoder import Block, DecoderConfig, TaesarDecoder
+
+    torch.manual_seed(0)
+    block = Block(16, 2, 24, 0.3, 0.3, 1e-12, fast_dropout=fast).eval()
+    x = torch.randn(4, 9, 16)
+    rows = torch.tensor([2, 0, 2, 3, 0, 2, 2])
+    positions = torch.tensor([8, 0, 3, 5, 4, 0, 3])
+    torch.testing.assert_close(block.forward_at(x, positions, rows), block(x)[rows, positions], rtol=1e-5, atol=1e-6)
+    assert block.forward_at(x, positions[:0], rows[:0]).shape == (0, 16)
+    with pytest.raises(ValueError, match="positions must lie in"):
+        block.forward_at(x, torch.tensor([-1]), torch.tensor([0]))
+    model = TaesarDecoder(DecoderConfig(n_items=30, max_len=9)).eval()
+    items = torch.randint(1, 31, (4, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model.states_at(items, positions, rows), model.encode(items)[rows, positions],
+                                   rtol=1e-5, atol=1e-6)
+
+
 def test_scores_as_sasrec_without_the_mask_token():
     model = make_model()
     batch = make_batch([7, 2, 12, 4])

@@ -283,6 +283,38 @@ def test_decisions_do_not_depend_on_the_chunks_or_the_targets_asked_for(trained)
     assert positions_per_block(10**9) == 1
 
 
+def test_decisions_do_not_depend_on_the_row_order_or_where_the_last_block_runs(trained, monkeypatch):
+    """The decoder batches rows longest first and runs a model's last block at its wanted positions
+    only where those are few (`STATES_AT_BELOW`): neither may change a decision."""
+    from model import regeneration
+
+    cfg = decoding_config(trained)
+    dataset = PreparedDataset(project_path(cfg.data_path), "tiny")
+    models = load_stage1(cfg, dataset, torch.device("cpu"))
+    experts = {d: models[f"dom{d}"] for d in (1, 2, 3)}
+    rows = dataset.rows("full.train").take(range(40))
+    assert len(set(np.minimum(rows.lengths, 64).tolist())) > 5  # lengths to sort
+
+    def decided(part, targets, threshold):
+        monkeypatch.setattr(regeneration, "STATES_AT_BELOW", threshold)
+        return regeneration.decode_rows(part, dataset.domains, targets, models["full"], experts, DecodingRule(),
+                                        max_len=64, batch_size=8)
+
+    for targets in ([2], [1, 2, 3]):
+        whole_blocks, last_block_at = decided(rows, targets, 0.0), decided(rows, targets, 2.0)
+        for t in targets:
+            assert all(np.array_equal(a, b) for a, b in zip(whole_blocks[t], last_block_at[t]))
+            assert whole_blocks[t][1].any()  # some source items were converted
+    # reversed rows: each row's decisions are where its items are, the same as in file order
+    order = np.arange(len(rows))[::-1]
+    backwards = decided(rows.take(order), [2], 0.5)[2]
+    forwards = decided(rows, [2], 0.5)[2]
+    for r, original in enumerate(order):
+        here, there = slice(*rows.take(order).offsets[r:r + 2]), slice(*rows.offsets[original:original + 2])
+        assert np.array_equal(backwards[0][here], forwards[0][there])
+        assert np.array_equal(backwards[1][here], forwards[1][there])
+
+
 def test_the_rule_in_float32_decides_as_in_float64_on_trained_models(trained):
     from model.regeneration import decode_rows
 
