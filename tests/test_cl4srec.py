@@ -253,6 +253,36 @@ def test_a_block_at_any_positions_is_the_block_there(fast):
                                    rtol=1e-5, atol=1e-6)
 
 
+def test_a_block_at_one_position_per_row_draws_as_before():
+    """CL4SRec's recorded runs go through `forward_at` with one position per row: generalised to any
+    positions, it must give the same bytes in training mode, dropout draws included, as the
+    one-position form it replaced (written out here)."""
+    import torch.nn.functional as F
+
+    from model.decoder import Block
+
+    def one_per_row(block, x, positions):  # the former Block.forward_at
+        B, L, H = x.shape
+        nh, hs = block.n_heads, H // block.n_heads
+        here = x.gather(1, positions[:, None, None].expand(-1, 1, H)).squeeze(1)
+        q = F.linear(here, block.qkv.weight[:H], block.qkv.bias[:H]).view(B, nh, 1, hs)
+        k, v = (t.view(B, L, nh, hs).transpose(1, 2)
+                for t in F.linear(x, block.qkv.weight[H:], block.qkv.bias[H:]).split(H, dim=2))
+        later = (torch.arange(L) > positions[:, None])[:, None, None]
+        y = block._attend(q, k, v, torch.zeros(later.shape).masked_fill(later, float("-inf")))
+        here = block.ln_attn(here + block.dropout(block.attn_out(y.reshape(B, H))))
+        return block.ln_ffn(here + block.dropout(block.feed_forward(here)))
+
+    torch.manual_seed(0)
+    block = Block(16, 2, 24, 0.3, 0.3, 1e-12).train()
+    x = torch.randn(5, 9, 16)
+    positions = torch.tensor([0, 8, 3, 5, 8])
+    torch.manual_seed(7)
+    before = one_per_row(block, x, positions)
+    torch.manual_seed(7)
+    assert torch.equal(block.forward_at(x, positions), before)
+
+
 def test_scores_as_sasrec_without_the_mask_token():
     model = make_model()
     batch = make_batch([7, 2, 12, 4])
