@@ -165,11 +165,8 @@ def decode_rows(
             items = items[:, : int(position.max()) + 1]
             states = []
             for m, model in enumerate(models):
-                wanted = torch.zeros_like(source, dtype=torch.bool)
-                for d in needed:
-                    if m == 0 or m == d or m in decided_at[d]:
-                        wanted[at_source[d]] = True
-                at = wanted.nonzero().squeeze(1)
+                scored_for = [d for d in needed if m == 0 or m == d or m in decided_at[d]]  # next-item domains
+                at = torch.isin(source, torch.tensor(scored_for, device=device)).nonzero().squeeze(1)
                 if len(at) > len(source) * STATES_AT_BELOW:
                     states.append(model.encode(items)[row, position])  # (P, H)
                 elif len(at):
