@@ -55,7 +55,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from analysis.report_writer import MIXED_HISTORY, write_report
+from analysis.report_writer import MIXED_HISTORY, table2_run, write_report
 from analysis.run_store import Report
 from core.errors import PAUSED_EXIT_CODE
 from data.paths import project_path
@@ -93,12 +93,12 @@ def table2(report: Report, seeds, domains, backbones, baselines) -> dict:
             for dom in domains:
                 for train_type in TRAIN_TYPES:
                     runs[backbone, train_type, dom, seed] = report.run(
-                        f"table2/{backbone}-{train_type}-{dom}-seed{seed}", "finetune",
+                        table2_run(backbone, train_type, dom, seed), "finetune",
                         [f"seed={seed}", f"target_dom={dom}", f"model_name={backbone}", f"train_type={train_type}"],
                         needs=build if train_type == "new" else None)
                 if backbone == "SASRec":  # SASRec4 seeing the mixed histories the cross-domain models see
                     runs[backbone, MIXED_HISTORY, dom, seed] = report.run(
-                        f"table2/SASRec-full_mixed_history-{dom}-seed{seed}", "finetune",
+                        table2_run(backbone, MIXED_HISTORY, dom, seed), "finetune",
                         [f"seed={seed}", f"target_dom={dom}", "model_name=SASRec", "train_type=full",
                          "eval_history=mixed"])
     for baseline in baselines:

@@ -12,8 +12,14 @@ from pathlib import Path
 from analysis.run_store import Report, machine
 from analysis.statistics import Comparison, aligned, paired_bootstrap
 from data.files import write_text_atomic
+from pipeline.schemas import TRAIN_TYPES
 
 MIXED_HISTORY = "full_mixed_history"  # SASRec4 evaluated with eval_history=mixed (its own row)
+
+
+def table2_run(backbone: str, train_type: str, dom: str, seed: int) -> str:
+    """The store name of one Table 2 run (train_type: sim, full, new or MIXED_HISTORY)."""
+    return f"table2/{backbone}-{train_type}-{dom}-seed{seed}"
 
 
 def wall_times(report: Report, seeds, domains, baselines) -> list[list[str]]:
@@ -22,13 +28,33 @@ def wall_times(report: Report, seeds, domains, baselines) -> list[list[str]]:
     rows = []
     for seed in seeds:
         taesar = [f"stage1/default/seed{seed}", f"stage2/default/all-seed{seed}",
-                  *(f"table2/SASRec-new-{d}-seed{seed}" for d in domains)]
+                  *(table2_run("SASRec", "new", d, seed) for d in domains)]
         groups = [taesar, *([f"baselines/{b}-seed{seed}"] for b in baselines)]
         timings = [[report.timing(n) for n in names] for names in groups]
         cells = ["–" if None in group else f"{sum(t['seconds'] for t in group) / 60:.1f}" for group in timings]
-        machines = sorted({t.get("machine", "not recorded") for group in timings for t in group if t})
-        rows.append([str(seed), *cells, "; ".join(machines) or "–"])
+        rows.append([str(seed), *cells, _machines(timings)])
     return rows
+
+
+def backbone_wall_times(report: Report, seeds, domains, backbones) -> list[list[str]]:
+    """Minutes per seed of each backbone's Table 2 runs (sim, full and new of every domain, without
+    the Stage I and II they share), summed over the runs with a recorded wall time; "(k of n runs)"
+    says when only k of them have one (runs not made yet, or made before wall times were recorded)."""
+    rows = []
+    for seed in seeds:
+        timings = [[report.timing(table2_run(b, t, d, seed)) for d in domains for t in TRAIN_TYPES]
+                   for b in backbones]
+        cells = []
+        for group in timings:
+            timed = [t["seconds"] for t in group if t]
+            minutes = f"{sum(timed) / 60:.1f}" if timed else "–"
+            cells.append(minutes if len(timed) in (0, len(group)) else f"{minutes} ({len(timed)} of {len(group)} runs)")
+        rows.append([str(seed), *cells, _machines(timings)])
+    return rows
+
+
+def _machines(timings: list[list[dict | None]]) -> str:
+    return "; ".join(sorted({t.get("machine", "not recorded") for group in timings for t in group if t})) or "–"
 
 
 def comparisons(runs: dict, backbones, domains, baselines=()) -> list[dict]:
@@ -102,7 +128,11 @@ def write_report(out: Path, args, parts: dict) -> str:
         lines += ["## Wall time (minutes per seed, as run by this report)", "",
                   markdown_table(["seed", "Taesar (Stage I + II + SASRec on new, all domains)", *args.baselines,
                                   "machine"],
-                                 wall_times(args.report, args.seeds, args.domains, args.baselines)), ""]
+                                 wall_times(args.report, args.seeds, args.domains, args.baselines)), "",
+                  "## Wall time of the backbones' Table 2 runs (minutes per seed: sim, full and new of every "
+                  "domain)", "",
+                  markdown_table(["seed", *args.backbones, "machine"],
+                                 backbone_wall_times(args.report, args.seeds, args.domains, args.backbones)), ""]
     if "table3" in parts:
         from analysis.ablation import VARIANTS
 

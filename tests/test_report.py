@@ -32,6 +32,9 @@ def test_report_on_tiny_data_is_complete_and_resumable(tmp_path):
     wall_time = text.split("## Wall time")[1].split("##")[0]
     assert "| seed | Taesar (Stage I + II + SASRec on new, all domains) | machine |" in wall_time
     assert f"| {machine()} |" in wall_time  # the machine each figure was measured on
+    backbone_time = text.split("## Wall time of the backbones' Table 2 runs")[1].split("##")[0]
+    assert "| seed | SASRec | machine |" in backbone_time
+    assert f" | {machine()} |" in backbone_time and "of 3 runs" not in backbone_time  # sim, full, new all timed
     claims = json.loads((out / "claims.json").read_text())
     assert [c["claim"] for c in claims] == ["new > sim", "new > full"]
     for claim in claims:
@@ -207,3 +210,22 @@ def test_a_recorded_run_is_reused_only_with_the_settings_it_was_made_with(tmp_pa
     assert store.get(sim)["config"]["trainer"]["finetune"]["epochs"] == 2
     again = main(longer)  # now recorded with these settings: reused, the same tables
     assert again.split("\n")[3:] == text.split("\n")[3:] and "--rerun" not in again.split("\n")[2]
+
+
+def test_backbone_wall_times_sum_the_timed_runs_and_say_how_many():
+    from analysis.report_writer import backbone_wall_times, table2_run
+
+    class Timings:  # the one method of analysis.run_store.Report the table reads
+        def __init__(self, seconds: dict):
+            self.seconds = seconds
+
+        def timing(self, name):
+            return self.seconds.get(name)
+
+    report = Timings({table2_run("GCEGNN", t, d, 1): {"seconds": 60.0 * minutes, "machine": "box A"}
+                      for (t, d), minutes in {("sim", "dom1"): 2, ("full", "dom1"): 30, ("new", "dom1"): 7,
+                                              ("sim", "dom2"): 1, ("full", "dom2"): 20, ("new", "dom2"): 5}.items()})
+    report.seconds[table2_run("SASRec", "sim", "dom1", 1)] = {"seconds": 90.0}  # from before machines were recorded
+    rows = backbone_wall_times(report, [1, 2], ["dom1", "dom2"], ["GCEGNN", "SASRec"])
+    assert rows == [["1", "65.0", "1.5 (1 of 6 runs)", "box A; not recorded"],
+                    ["2", "–", "–", "–"]]
