@@ -5,6 +5,7 @@ synthetic dataset; with `--reference`, each sped-up model against its implementa
     python benchmarks/baseline_throughput.py --models ABXI --datasets acdt --batches 20 --device cuda
     python benchmarks/baseline_throughput.py --reference --models CGRec SyNCRec GCEGNN --datasets acdt
     python benchmarks/baseline_throughput.py --threads --models CGRec GCEGNN --datasets acdt
+    python benchmarks/baseline_throughput.py --gemm-widths
 
 Each (model, dataset) pair runs in its own spawned child process, so that the peak RSS it reports
 is that training's own (the child's VmHWM, `benchmarks.resources.peak_rss_bytes`): the model at its official size
@@ -140,17 +141,40 @@ def matmul_flops(model, loss_fn, batch) -> float:
     return float(counter.get_total_flops())
 
 
-def gemm_rate(threads: int) -> float:
-    """FLOP/s of a float32 matrix multiply of the models' shapes (16384 x 128 by 128 x 512) on this
-    machine with `threads` threads: the rate the floor divides by."""
+# (rows, inner, outer) of the models' matrix multiplies: a length group, a batch's positions, a padded
+# batch (128 x 128); hidden 128, inner 512. The widest is not the fastest: its output outgrows the cache.
+GEMM_SHAPES = tuple((rows, inner, outer) for rows in (2048, 7680, 16384) for inner, outer in ((128, 512), (512, 128)))
+
+
+def gemm_rate(threads: int, shapes=GEMM_SHAPES) -> float:
+    """The best FLOP/s a float32 matrix multiply of the models' shapes reaches on this machine with
+    `threads` threads: the rate the floor divides by (the best, so that the floor is a floor)."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(16384, 128), torch.randn(128, 512)
+    return max(_gemm_rate(*shape) for shape in shapes)
+
+
+def _gemm_rate(rows: int, inner: int, outer: int) -> float:
+    a, b = torch.randn(rows, inner), torch.randn(inner, outer)
     for _ in range(3):
         a @ b
-    started, n = time.perf_counter(), 20
+    n = max(5, 20 * 16384 // rows)  # about the same work at every width
+    started = time.perf_counter()
     for _ in range(n):
         a @ b
-    return 2 * 16384 * 128 * 512 * n / (time.perf_counter() - started)
+    return 2 * rows * inner * outer * n / (time.perf_counter() - started)
+
+
+def gemm_widths(args) -> None:
+    """The GEMM rate at the widths of the models' matrix multiplies, and of CGRec's 30 coalition passes
+    stacked into one: whether batching the coalitions into wider multiplies could raise the rate."""
+    torch.set_num_threads(1)
+    print("one thread; float32 GEMM rate (GFLOP/s) by rows; hidden 128, inner 512")
+    print("| rows | what | 128 x 512 | 512 x 128 | 128 x 128 |")
+    print("|---:|---|---:|---:|---:|")
+    for rows, what in ((2048, "a length group"), (7680, "the positions of a batch of 128 ACDT rows"),
+                       (16384, "a batch of 128 rows padded to 128"), (30 * 7680, "CGRec's 30 coalition passes stacked")):
+        rates = [_gemm_rate(rows, inner, outer) / 1e9 for inner, outer in ((128, 512), (512, 128), (128, 128))]
+        print(f"| {rows} | {what} | " + " | ".join(f"{r:.0f}" for r in rates) + " |", flush=True)
 
 
 def main() -> None:
@@ -166,7 +190,11 @@ def main() -> None:
     parser.add_argument("--threads", action="store_true",
                         help="the current implementation with one thread, with two, and as two one-thread jobs at "
                              "once: which way two cores train most rows")
+    parser.add_argument("--gemm-widths", action="store_true",
+                        help="the GEMM rate at the widths of one CGRec coalition pass and of its 30 stacked")
     args = parser.parse_args()
+    if args.gemm_widths:
+        return gemm_widths(args)
     if args.threads:
         args.models = args.models or list(SPED_UP) + ["GCEGNN-dom1"]
         return thread_study(args)

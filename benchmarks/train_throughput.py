@@ -15,9 +15,9 @@ What one step trains differs, and both are reported:
   prefixes to get the same supervision.
 
 Beside each model: the matrix-multiply FLOPs of one epoch as it runs it (forward and backward,
-counted by torch's FLOP counter) and the floor they set at the rate of a float32 GEMM on this
-machine. Where the two models do different amounts of work per row, the floors bound the rows/s
-ratio that the same efficiency can give.
+counted by torch's FLOP counter) and the floor they set at the best rate a float32 GEMM of the
+models' shapes reaches on this machine. Where the two models do different amounts of work per row,
+the floors bound the rows/s ratio that the same efficiency can give.
 """
 from __future__ import annotations
 
