@@ -86,7 +86,7 @@ def _train(model_name: str, dataset_name: str, batches: int, device: str, refere
     model = model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     loader = iter(SequenceLoader(rows, 128, 128, shuffle=True, seed=0))
-    rows, seconds, flops = 0, 0.0, 0.0
+    rows, seconds, flops, timed = 0, 0.0, 0.0, []
     for step in range(batches + 1):
         batch = next(loader).to(device)
         started = time.perf_counter()
@@ -99,9 +99,11 @@ def _train(model_name: str, dataset_name: str, batches: int, device: str, refere
         if step:  # the first batch warms up
             seconds += time.perf_counter() - started
             rows += len(batch.users)
+            timed.append(batch)
     peak = peak_rss_bytes() / 1e9  # of the timed steps: the FLOP-counting pass below can keep more
     if not reference and model_name in SPED_UP + tuple(BACKBONES):
-        flops = matmul_flops(model, loss_fn, batch)
+        # the mean over the timed batches, as the time is (their lengths, and so their work, differ)
+        flops = sum(matmul_flops(model, loss_fn, batch) for batch in timed) / len(timed)
     gpu = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else 0.0
     return seconds, rows, peak, gpu, flops
 
@@ -130,8 +132,8 @@ def _backbone(dataset, name: str, split: str, reference: bool):
 
 
 def matmul_flops(model, loss_fn, batch) -> float:
-    """Matrix-multiply FLOPs of one training step as this implementation runs it (forward and
-    backward, counted by torch's FLOP counter on the last batch): the floor's numerator."""
+    """Matrix-multiply FLOPs of one training step on `batch` as this implementation runs it (forward
+    and backward, counted by torch's FLOP counter): the floor's numerator."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
