@@ -237,7 +237,9 @@ def decide_certified(z_target, z_source, z_mix, target_range: tuple[int, int], r
     inputs = (z_target, z_source if rule.source_experts else None, z_mix if rule.source_experts else None)
 
     def local(rows) -> tuple[torch.Tensor, torch.Tensor]:
-        return scores_float32(*(None if z is None else z[rows, R_T] for z in inputs), rule.source_experts)
+        z = [None if z is None else z[rows, R_T] for z in inputs]
+        # one row goes eagerly: a compiled kernel specialises a size of 1, and would compile again for it
+        return scores_float32(*z, rule.source_experts, kernels=kernels if len(z[0]) > 1 else EAGER)
 
     if not rule.global_test:
         L, delta = local(slice(None))

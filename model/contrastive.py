@@ -218,7 +218,7 @@ def decode_targets(
     target t's expert's logits and `target_ranges[t]` its id range. What does not depend on the
     target (the transfer reward from the base model and the source expert) is computed once;
     each target's decisions are those `decode` takes for it alone. `fused`: the certified float32
-    rule's global scores by compiled kernels (`certified.Fused`; worth their compile time at tens
+    rule's global and local scores by compiled kernels (`certified.Fused`; worth their compile time at tens
     of thousands of items), the same decisions."""
     if not isinstance(rule, DecodingRule):
         raise ValueError(f"rule must be a DecodingRule, got {type(rule).__name__}")

@@ -120,7 +120,7 @@ def decode_rows(
     (`certified_float32=False` takes float64 throughout). Logits are computed for `chunk`
     positions at a time (sized from `memory_gb`). A position's decision depends on its own logits
     only, so one run for all targets writes the same decisions as one run per target.
-    `fused`: the rule's global scores by compiled kernels (None: on a CPU from FUSE_FROM_ITEMS
+    `fused`: the rule's global and local scores by compiled kernels (None: on a CPU from FUSE_FROM_ITEMS
     items on), the same decisions.
     """
     item_domain = domains.domain_of(rows.items)

@@ -202,6 +202,9 @@ def test_fused_kernels_keep_the_bound_and_the_decisions():
             got = decode_targets({1: z[0], 2: z[0].flip(-1)}, z[1], z[2], {1: R_T, 2: (1, 40)}, fused=True)
             assert torch.equal(got[1].items, decode(*z, R_T, certified_float32=False).items), name
             assert torch.equal(got[2].items, decode(z[0].flip(-1), z[1], z[2], (1, 40), certified_float32=False).items)
+    # the kernels compiled (a failure would have fallen back to eager and passed the checks above);
+    # the local scores of the convertible rows went through them too, their columns those of R_T
+    assert not (certified.FUSED.confidence.failed or certified.FUSED.transfer.failed)
 
 
 def test_fused_kernels_fall_back_to_eager_when_compiling_fails(monkeypatch, caplog):
