@@ -166,7 +166,7 @@ def _gemm_rate(rows: int, inner: int, outer: int) -> float:
     return 2 * rows * inner * outer * n / (time.perf_counter() - started)
 
 
-def gemm_widths(args) -> None:
+def gemm_widths() -> None:
     """The GEMM rate at the widths of the models' matrix multiplies, and of CGRec's 30 coalition passes
     stacked into one: whether batching the coalitions into wider multiplies could raise the rate."""
     torch.set_num_threads(1)
@@ -196,7 +196,7 @@ def main() -> None:
                         help="the GEMM rate at the widths of one CGRec coalition pass and of its 30 stacked")
     args = parser.parse_args()
     if args.gemm_widths:
-        return gemm_widths(args)
+        return gemm_widths()
     if args.threads:
         args.models = args.models or list(SPED_UP) + ["GCEGNN-dom1"]
         return thread_study(args)

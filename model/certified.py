@@ -159,13 +159,14 @@ class Fused:
     """`function` compiled by torch.compile into fused loops (one trip through memory where eager
     PyTorch makes a dozen), or `function` itself where no compiler works: the first failure is
     logged and the eager function used from then on. The bound above holds for either: a compiled
-    exp, log1p or sinh is as accurate as the eager one, and fusing only removes roundings."""
+    exp, log1p or sinh is as accurate as the eager one, and fusing only removes roundings. One row
+    goes eagerly: a compiled kernel specialises a size of 1, and would compile again for it."""
 
     def __init__(self, function):
         self.function, self.compiled, self.failed = function, None, False
 
     def __call__(self, *tensors: torch.Tensor):
-        if not self.failed:
+        if not self.failed and tensors[0].shape[0] > 1:
             try:
                 if self.compiled is None:
                     self.compiled = torch.compile(self.function, dynamic=False)
@@ -237,9 +238,8 @@ def decide_certified(z_target, z_source, z_mix, target_range: tuple[int, int], r
     inputs = (z_target, z_source if rule.source_experts else None, z_mix if rule.source_experts else None)
 
     def local(rows) -> tuple[torch.Tensor, torch.Tensor]:
-        z = [None if z is None else z[rows, R_T] for z in inputs]
-        # one row goes eagerly: a compiled kernel specialises a size of 1, and would compile again for it
-        return scores_float32(*z, rule.source_experts, kernels=kernels if len(z[0]) > 1 else EAGER)
+        return scores_float32(*(None if z is None else z[rows, R_T] for z in inputs), rule.source_experts,
+                              kernels=kernels)
 
     if not rule.global_test:
         L, delta = local(slice(None))

@@ -218,8 +218,8 @@ def decode_targets(
     target t's expert's logits and `target_ranges[t]` its id range. What does not depend on the
     target (the transfer reward from the base model and the source expert) is computed once;
     each target's decisions are those `decode` takes for it alone. `fused`: the certified float32
-    rule's global and local scores by compiled kernels (`certified.Fused`; worth their compile time at tens
-    of thousands of items), the same decisions."""
+    rule's global and local scores by compiled kernels (`certified.Fused`; worth their compile time
+    at tens of thousands of items), the same decisions."""
     if not isinstance(rule, DecodingRule):
         raise ValueError(f"rule must be a DecodingRule, got {type(rule).__name__}")
     if set(z_targets) != set(target_ranges):
@@ -244,8 +244,7 @@ def decode_targets(
         return {t: decide(z, z_source, z_mix, ranges[t], rule) for t, z in z_targets.items()}
     from model import certified  # the float32 form builds on this module's rule
 
-    # one row goes eagerly: a compiled kernel specialises a size of 1, and would compile again for it
-    kernels = certified.FUSED if fused and next(iter(z_targets.values())).shape[0] > 1 else certified.EAGER
+    kernels = certified.FUSED if fused else certified.EAGER
     # the global scores' transfer half, shared by the targets (the local scores' is per target range)
     transfer = (kernels.transfer(z_source, z_mix)
                 if rule.source_experts and rule.global_test and len(z_targets) > 1 else None)

@@ -205,6 +205,11 @@ def test_fused_kernels_keep_the_bound_and_the_decisions():
     # the kernels compiled (a failure would have fallen back to eager and passed the checks above);
     # the local scores of the convertible rows went through them too, their columns those of R_T
     assert not (certified.FUSED.confidence.failed or certified.FUSED.transfer.failed)
+    # one row goes eagerly (a compiled kernel would specialise, or fail on, a size of 1)
+    one_row = regime("typical")[0][:1]
+    assert all(torch.equal(a, b) for a, b in zip(certified.FUSED.confidence(one_row),
+                                                  certified.confidence_float32(one_row)))
+    assert not certified.FUSED.confidence.failed
 
 
 def test_fused_kernels_fall_back_to_eager_when_compiling_fails(monkeypatch, caplog):
