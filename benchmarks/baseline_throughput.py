@@ -6,6 +6,7 @@ synthetic dataset; with `--reference`, each sped-up model against its implementa
     python benchmarks/baseline_throughput.py --reference --models CGRec SyNCRec GCEGNN --datasets acdt
     python benchmarks/baseline_throughput.py --threads --models CGRec GCEGNN --datasets acdt
     python benchmarks/baseline_throughput.py --gemm-widths
+    python benchmarks/baseline_throughput.py --profile --models GCEGNN --datasets acdt --batches 6
 
 Each (model, dataset) pair runs in its own spawned child process, so that the peak RSS it reports
 is that training's own (the child's VmHWM, `benchmarks.resources.peak_rss_bytes`): the model at its official size
@@ -53,7 +54,7 @@ def prepared(dataset: str):
 
 
 def _train(model_name: str, dataset_name: str, batches: int, device: str, reference: bool = False,
-           threads: int | None = None) -> tuple[float, int, float, float, float]:
+           threads: int | None = None, profile: bool = False) -> tuple[float, int, float, float, float]:
     from omegaconf import OmegaConf
 
     from cdsr_baseline.inputs import user_sequences
@@ -87,7 +88,10 @@ def _train(model_name: str, dataset_name: str, batches: int, device: str, refere
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     loader = iter(SequenceLoader(rows, 128, 128, shuffle=True, seed=0))
     rows, seconds, flops, timed = 0, 0.0, 0.0, []
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profile else None
     for step in range(batches + 1):
+        if profiler and step == 1:  # the timed steps only
+            profiler.start()
         batch = next(loader).to(device)
         started = time.perf_counter()
         loss = loss_fn(batch)
@@ -100,6 +104,9 @@ def _train(model_name: str, dataset_name: str, batches: int, device: str, refere
             seconds += time.perf_counter() - started
             rows += len(batch.users)
             timed.append(batch)
+    if profiler:
+        profiler.stop()
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), flush=True)
     peak = peak_rss_bytes() / 1e9  # of the timed steps: the FLOP-counting pass below can keep more
     if not reference and model_name in SPED_UP + tuple(BACKBONES):
         # the mean over the timed batches, as the time is (their lengths, and so their work, differ)
@@ -192,11 +199,22 @@ def main() -> None:
     parser.add_argument("--threads", action="store_true",
                         help="the current implementation with one thread, with two, and as two one-thread jobs at "
                              "once: which way two cores train most rows")
+    parser.add_argument("--profile", action="store_true",
+                        help="where the time of the current implementation's timed steps goes (torch.profiler, "
+                             "one thread; the profiler's own cost inflates the times)")
     parser.add_argument("--gemm-widths", action="store_true",
                         help="the GEMM rate at the widths of one CGRec coalition pass and of its 30 stacked")
     args = parser.parse_args()
     if args.gemm_widths:
         return gemm_widths()
+    if args.profile:
+        args.models = args.models or list(SPED_UP)
+        for key in args.datasets:
+            for model in args.models:
+                print(f"{model} on {DATASETS[key]}, {args.batches} steps, one thread", flush=True)
+                with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                    pool.submit(_train, model, DATASETS[key], args.batches, args.device, False, 1, True).result()
+        return
     if args.threads:
         args.models = args.models or list(SPED_UP) + ["GCEGNN-dom1"]
         return thread_study(args)
